@@ -1,0 +1,94 @@
+"""The agent's error types and the exit codes shared by the CLI and the hookscript.
+
+Every error names the problem and the fix in one line. Low-level errors (OSError,
+OVSDB errors, parse errors) are translated once, at the edge that met them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes. A non-zero exit of the pre-start hook aborts the VM start."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2  # click's own code for bad command-line usage
+    BAD_SPEC = 3
+    CONFLICT = 4
+    NOT_FOUND = 5
+    OVS_UNAVAILABLE = 6
+    TIMEOUT = 7
+    REFUSED = 8
+    STALE = 9
+
+
+class AgentError(Exception):
+    """Base of every error the agent reports: `problem`, then what to do about it."""
+
+    exit_code = ExitCode.FAILURE
+
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(problem, fix)
+        self.problem = problem
+        self.fix = fix
+
+    def __str__(self) -> str:
+        line = self.problem if not self.fix else f"{self.problem}; {self.fix}"
+        # One line, always: a newline would split the message in Proxmox's task log.
+        return " ".join(line.split())
+
+
+class SpecError(AgentError):
+    """The declared spec (CLI input or the cluster-wide file) is malformed or invalid."""
+
+    exit_code = ExitCode.BAD_SPEC
+
+
+class ConfigConflict(AgentError):
+    """Spec and Proxmox VM config (or user args) contradict each other."""
+
+    exit_code = ExitCode.CONFLICT
+
+
+class MemoryLayoutError(AgentError):
+    """The VM's memory layout cannot be shared safely with a vhost-user backend."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class NotFound(AgentError):
+    """A VM, config file, NIC or port that the command names does not exist."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class OwnershipError(AgentError):
+    """An OVS row or file with the name the agent needs belongs to someone else."""
+
+    exit_code = ExitCode.CONFLICT
+
+
+class OvsUnavailable(AgentError):
+    """OVSDB cannot be reached, or a transaction failed for good."""
+
+    exit_code = ExitCode.OVS_UNAVAILABLE
+
+
+class AgentTimeout(AgentError):
+    """A bounded wait ran out: a lock, or ovs-vswitchd taking a change."""
+
+    exit_code = ExitCode.TIMEOUT
+
+
+class ClusterReadOnly(AgentError):
+    """/etc/pve is read-only (no quorum)."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class StaleArgs(AgentError):
+    """The VM's args line differs from the plan (pre-start must abort the start)."""
+
+    exit_code = ExitCode.STALE

@@ -1,0 +1,10 @@
+"""Shared pytest setup. Fixtures that start real components live in tests/fixtures/."""
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Tests import the checkout's package, never an installed copy.
+sys.path.insert(0, str(REPO))
+
+pytest_plugins: list[str] = []
