@@ -8,3 +8,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 pytest_plugins: list[str] = []
+
+# Real Proxmox configs and command lines (../shared/peer beside the checkout, in CI too).
+PEER = REPO.parent / "shared" / "peer"
