@@ -25,9 +25,9 @@ DEFAULT_QUEUE_SIZE = 1024  # the TNSR recipe's advice for vhost-user NICs
 
 # Linux interface names: at most 15 characters. OVS port and bridge names become
 # interface names, and they end up in QEMU option strings: keep them to a safe set.
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-_NIC = re.compile(r"^net([0-9]|[12][0-9]|3[01])$")
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+_NIC = re.compile(r"net([0-9]|[12][0-9]|3[01])")
 
 
 class Backend(str, enum.Enum):
@@ -253,7 +253,7 @@ def check_nic_index(index: int) -> int:
 
 def parse_nic_name(text: str) -> int:
     """`net3` -> 3."""
-    match = _NIC.match(text.strip())
+    match = _NIC.fullmatch(text.strip())
     if not match:
         raise SpecError(f"{text!r} is not a NIC name", "name the NIC net0 .. net31, as in the VM config")
     return int(match.group(1))
@@ -299,7 +299,7 @@ def format_vlan_list(vids: Iterable[int]) -> str:
 
 
 def check_ifname(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _IFNAME.match(name):
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name):
         raise SpecError(
             f"{what} name {name!r} is not a valid interface name",
             "use 1-15 characters from A-Z a-z 0-9 _ . - (no comma, =, quote or space)",
@@ -309,7 +309,7 @@ def check_ifname(name: str, what: str) -> str:
 
 def check_mac(mac: str) -> str:
     """A unicast, non-zero MAC in upper-case colon form (the form Proxmox writes)."""
-    if not isinstance(mac, str) or not _MAC.match(mac):
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
         raise SpecError(f"MAC {mac!r} is malformed", "write it as six hex pairs, e.g. 02:00:00:12:34:56")
     octets = bytes(int(x, 16) for x in mac.split(":"))
     if octets == bytes(6):
