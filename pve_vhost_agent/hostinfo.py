@@ -1,0 +1,90 @@
+"""Read-only host observations: memory capacity, and links through netlink (pyroute2).
+
+Kernel views (/proc, /sys, netlink) are the host's own; /dev/shm is taken under the
+configured root like every other host path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from pve_vhost_agent.capacity import HostMemory
+from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.settings import Settings
+
+HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
+
+
+def read_host_memory(settings: Settings, proc: Path = Path("/proc")) -> HostMemory:
+    available = None
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1])
+    except OSError as err:
+        raise AgentError(f"cannot read {proc / 'meminfo'}: {err.strerror}", "is /proc mounted?") from err
+    if available is None:
+        raise AgentError(f"{proc / 'meminfo'} has no MemAvailable line", "run on Linux 3.14 or later")
+    return HostMemory(available, _free_bytes(settings.host_path("/dev/shm")), _hugepages_free())
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _hugepages_free(sysfs: Path = HUGEPAGES_SYSFS) -> dict[int, int]:
+    free: dict[int, int] = {}
+    try:
+        folders = list(sysfs.iterdir())
+    except OSError:
+        return free
+    for folder in folders:
+        # hugepages-2048kB/free_hugepages
+        size = folder.name.removeprefix("hugepages-").removesuffix("kB")
+        try:
+            free[int(size)] = int((folder / "free_hugepages").read_text())
+        except (OSError, ValueError):
+            continue
+    return free
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One network link as netlink reports it."""
+
+    name: str
+    index: int
+    mtu: int
+    kind: str  # "veth", "tun", "bond", "bridge", "openvswitch", "" for plain devices
+    up: bool
+    master: int | None  # index of the bridge/bond this link is enslaved to
+
+
+def read_links(netns: str | None = None) -> dict[str, Link]:
+    """Every link of the host (or of a named network namespace), by name."""
+    from pyroute2 import IPRoute, NetNS  # imported here: only host checks need netlink
+
+    ipr = NetNS(netns) if netns else IPRoute()
+    try:
+        links = {}
+        for msg in ipr.get_links():
+            info = msg.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info else None
+            name = msg.get_attr("IFLA_IFNAME")
+            links[name] = Link(
+                name=name,
+                index=msg["index"],
+                mtu=msg.get_attr("IFLA_MTU"),
+                kind=kind or "",
+                up=bool(msg["flags"] & 1),
+                master=msg.get_attr("IFLA_MASTER"),
+            )
+        return links
+    finally:
+        ipr.close()
