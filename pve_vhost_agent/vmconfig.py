@@ -185,12 +185,11 @@ class VmConfig:
 
     def _without_empty_pending(self) -> "VmConfig":
         part = self._part(PENDING)
-        doomed = [i for i, line in enumerate(self.lines) if line.part == part]
-        if any(self.lines[i].kind not in ("header", "blank") for i in doomed):
+        if any(line.part == part and line.kind not in ("header", "blank") for line in self.lines):
             return self
-        header = doomed[0]
-        at_end = doomed[-1] == len(self.lines) - 1
-        if at_end and header > 0 and self.lines[header - 1].kind == "blank":
-            doomed.insert(0, header - 1)  # the blank line Proxmox writes before a header
-        kept = [line.text for i, line in enumerate(self.lines) if i not in set(doomed)]
+        header = next(i for i, line in enumerate(self.lines) if line.part == part)
+        # Drop the header and the blank line Proxmox writes before it; blank lines after
+        # it now separate whatever follows (the exact inverse of creating the section).
+        gone = {header - 1, header} if header > 0 and self.lines[header - 1].kind == "blank" else {header}
+        kept = [line.text for i, line in enumerate(self.lines) if i not in gone]
         return VmConfig(_classify(kept), self.final_newline)

@@ -139,7 +139,7 @@ def nic_group() -> None:
 @nic_group.command("add")
 @click.argument("vmid", type=int)
 @click.argument("nic")
-@click.option("--bridge", required=True, help="OVS bridge (datapath_type=netdev) or backend name.")
+@click.option("--bridge", required=True, help="OVS bridge (datapath_type=netdev) the port goes on.")
 @_nic_options
 @click.pass_obj
 def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, **options) -> None:
@@ -151,7 +151,7 @@ def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, **options) -
 @nic_group.command("set")
 @click.argument("vmid", type=int)
 @click.argument("nic")
-@click.option("--bridge", help="OVS bridge (datapath_type=netdev) or backend name.")
+@click.option("--bridge", help="OVS bridge (datapath_type=netdev) the port goes on.")
 @click.option("--no-vlan", is_flag=True, help="Drop the VLAN mode: the port carries all VLANs.")
 @_nic_options
 @click.pass_obj
