@@ -71,13 +71,13 @@ def vm_nets(config: VmConfig) -> dict[int, tuple[str, NetDevice]]:
 
 def add_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange, config: VmConfig) -> spec.ClusterSpec:
     """Declare a new vhost-user NIC `netN` of VM `vmid`."""
-    _must_be_undeclared(cluster, vmid, index)
     nets = vm_nets(config)
     if index in nets:
         free = next((n for n in range(spec.MAX_NICS) if n not in nets and not cluster.entry(vmid, n)), None)
         hint = f", e.g. net{free}" if free is not None else ""
         raise ConfigConflict(f"VM {vmid} already has `{nets[index][0]}` in its config",
                              f"pick a free netN for the vhost-user NIC{hint}")
+    _must_be_undeclared(cluster, vmid, index)
     if change.bridge is None:
         raise SpecError("a vhost-user NIC needs a bridge", "give --bridge <OVS bridge>")
     mac = _free_mac(cluster, vmid, index, change.mac, nets)
