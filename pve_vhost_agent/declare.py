@@ -100,29 +100,35 @@ def remove_nic(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.Cluster
     return cluster.without(vmid, index)
 
 
-def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.QinQ, config: VmConfig) -> spec.ClusterSpec:
-    """QinQ for Proxmox's own tap NIC `netN`; it must exist and sit on a bridge."""
+def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.QinQ,
+                 config: VmConfig) -> spec.ClusterSpec:
+    """QinQ for Proxmox's own tap NIC `netN`; it must exist (at the next start) on a bridge."""
     entry = cluster.entry(vmid, index)
     if isinstance(entry, spec.VhostNic):
         raise ConfigConflict(f"VM {vmid} net{index} is declared as a vhost-user NIC",
                              f"set QinQ on it with `pve-vhost-agent nic set {vmid} net{index} --qinq <S-tag>`")
-    nets = net_devices(config.effective())
-    if index not in nets:
+    effective = config.effective()
+    device = net_devices(effective).get(index)
+    if device is None:
         raise NotFound(f"VM {vmid} has no net{index} in its config",
-                       f"QinQ applies to Proxmox's own NICs; add it with `qm set {vmid} --net{index} virtio,bridge=<OVS bridge>` first")
-    device = nets[index]
-    line = f"net{index}: {config.effective()[f'net{index}']}"
+                       f"QinQ applies to Proxmox's own NICs; add one with "
+                       f"`qm set {vmid} --net{index} virtio,bridge=<OVS bridge>` first")
+    line = f"net{index}: {effective[f'net{index}']}"
     if not device.bridge:
-        raise ConfigConflict(f"VM {vmid} `{line}` has no bridge", f"attach it to an OVS bridge with `qm set {vmid} --net{index} ...,bridge=<bridge>`")
+        raise ConfigConflict(f"VM {vmid} `{line}` has no bridge",
+                             f"attach it to an OVS bridge with `qm set {vmid} --net{index} ...,bridge=<bridge>`")
     if device.tag is not None or device.trunks:
-        raise ConfigConflict(f"VM {vmid} `{line}` has a VLAN tag or trunks, which Proxmox sets on the port at every start",
-                             f"remove tag= and trunks= from net{index} (`qm set {vmid} --net{index} ...`); the S-tag replaces them")
+        raise ConfigConflict(
+            f"VM {vmid} `{line}` has a VLAN tag or trunks, which Proxmox sets on the port at every start",
+            f"remove tag= and trunks= from net{index} (`qm set {vmid} --net{index} ...`); the S-tag replaces them",
+        )
     return cluster.with_entry(spec.TapQinQ(vmid, index, qinq))
 
 
 def remove_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.ClusterSpec:
     if not isinstance(cluster.entry(vmid, index), spec.TapQinQ):
-        raise NotFound(f"VM {vmid} net{index} has no QinQ declared", f"see what is declared with `pve-vhost-agent nic list {vmid}`")
+        raise NotFound(f"VM {vmid} net{index} has no QinQ declared",
+                       f"see what is declared with `pve-vhost-agent nic list {vmid}`")
     return cluster.without(vmid, index)
 
 
