@@ -179,3 +179,14 @@ def test_read_only_etc_pve_is_reported_as_no_quorum(pve_root):
     assert result.stdout.startswith(f"{ClusterReadOnly.__name__} /etc/pve is read-only: this node has no quorum")
     assert path.read_text() == CONFIG
     assert sorted(os.listdir(path.parent)) == ["100.conf"]
+
+
+def test_bytes_that_are_not_utf8_survive_a_write(pve_root):
+    # An old description in Latin-1: Proxmox keeps the bytes, and so must we.
+    raw = b"#caf\xe9 router\nmemory: 512\nname: cafe\n"
+    path = pve_root.vm_path(100)
+    path.write_bytes(raw)
+    update_vm_config(pve_root.settings(), 100, set_args)
+    assert path.read_bytes() == f"#caf\xe9 router\nargs: {ARGS}\nmemory: 512\nname: cafe\n".encode("latin-1")
+    update_vm_config(pve_root.settings(), 100, lambda c: c.with_value("args", None))
+    assert path.read_bytes() == raw
