@@ -49,6 +49,10 @@ def plan_args(
     """The args the agent owns for `vm`, or a refusal (ConfigConflict, MemoryLayoutError)."""
     if not vm.nics:
         return ArgsPlan((), ("no vhost-user NICs: the agent adds nothing to args",))
+    if config.get("template", "").strip() not in ("", "0"):
+        # qemu-server starts a template (for backups only) from a minimal config without
+        # args; agent args there would only be copied, stale, into every clone.
+        return ArgsPlan((), ("template: Proxmox drops args when it starts a template, so the agent adds none",))
     nics = tuple(sorted(vm.nics, key=lambda nic: nic.index))
     _check_nics(vm.vmid, nics, config)
     args, notes = _plan_memory(vm.vmid, memory_layout(config), config)

@@ -113,6 +113,12 @@ def test_no_vhost_nics_plan_no_args_whatever_the_memory_layout():
         assert plan_args(VmSpec(100), config, QEMU_10, DIRS) == plan_args(tap_only, config, QEMU_10, DIRS)
 
 
+def test_a_template_gets_no_args():
+    # qemu-server starts templates (backup only) from a minimal config that has no args.
+    result = plan(vm(nic(1)), {**PLAIN_VM, "template": "1", "numa": "1"})
+    assert result.args == () and "template" in result.notes[0]
+
+
 def test_plan_is_deterministic_and_ignores_spec_order():
     one = plan_args(vm(nic(9, mac=MAC2), nic(1)), PLAIN_VM, QEMU_10, DIRS)
     two = plan_args(vm(nic(1), nic(9, mac=MAC2)), dict(reversed(list(PLAIN_VM.items()))), QEMU_10, DIRS)
