@@ -1,0 +1,100 @@
+"""`show VMID` and `apply VMID|--all`: the planned args line, and writing it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from pve_vhost_agent.errors import AgentError, ExitCode
+from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.specstore import load_spec
+from pve_vhost_agent.vmargs import VmArgs, apply_vm_args, vm_args, vms_to_apply
+
+
+def _as_dict(result: VmArgs) -> dict:
+    sync, location = result.sync, result.location
+    return {
+        "vmid": location.vmid,
+        "node": location.node,
+        "running": location.running,
+        "args": list(sync.plan.args),
+        "current": list(sync.current),
+        "in_sync": sync.in_sync,
+        "changes": list(sync.changes),
+        "notes": list(sync.plan.notes),
+        "section": sync.section,
+        "args_line": sync.line_after,
+        "nics": [nic.name for nic in result.spec.nics],
+        "qinq": [entry.name for entry in result.spec.tap_qinq],
+    }
+
+
+@click.command("show")
+@click.argument("vmid", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def show(settings: Settings, vmid: int, as_json: bool) -> None:
+    """Show the args the agent plans for VM VMID, why, and whether the config has them."""
+    result = vm_args(settings, vmid)
+    if as_json:
+        click.echo(json.dumps(_as_dict(result), indent=2))
+        return
+    sync = result.sync
+    click.echo(f"VM {vmid} on node {result.location.node}"
+               + (" (running)" if result.location.running else ""))
+    for note in sync.plan.notes:
+        click.echo(f"  - {note}")
+    click.echo("planned args (agent's part):")
+    click.echo("  " + (" ".join(sync.plan.args) or "(none)"))
+    if sync.in_sync:
+        click.echo("the VM config has exactly these args")
+    else:
+        click.echo("the VM config differs:")
+        for change in sync.changes:
+            click.echo(f"  {change}")
+        click.echo(f"fix: pve-vhost-agent apply {vmid}")
+
+
+@click.command("apply")
+@click.argument("vmid", type=int, required=False)
+@click.option("--all", "all_vms", is_flag=True, help="Every VM of this node with a spec (or left-over agent args).")
+@click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
+@click.pass_obj
+def apply(settings: Settings, vmid: int | None, all_vms: bool, dry_run: bool) -> None:
+    """Write the planned args into the VM config (pending for a running VM)."""
+    if (vmid is None) == (not all_vms):
+        raise click.UsageError("give either VMID or --all")
+    cluster = load_spec(settings)
+    vmids = vms_to_apply(settings, cluster) if all_vms else [vmid]
+    failed: list[AgentError] = []
+    for one in vmids:
+        try:
+            result = vm_args(settings, one, cluster) if dry_run else apply_vm_args(settings, one, cluster)
+        except AgentError as err:
+            if not all_vms:
+                raise
+            click.echo(f"VM {one}: {err}", err=True)
+            failed.append(err)
+            continue
+        _report(result, dry_run)
+    if failed:
+        raise SystemExit(int(failed[0].exit_code) if len(failed) == 1 else int(ExitCode.FAILURE))
+
+
+def _report(result: VmArgs, dry_run: bool) -> None:
+    sync, vmid = result.sync, result.location.vmid
+    if sync.in_sync:
+        click.echo(f"VM {vmid}: args up to date")
+        return
+    where = "as a pending change" if sync.section == "pending" else "to the VM config"
+    changes = "; ".join(sync.changes)
+    if dry_run:
+        click.echo(f"VM {vmid}: dry run: would write args {where}: {sync.line_after or '(delete args)'} ({changes})")
+        return
+    click.echo(f"VM {vmid}: args written {where} ({changes})")
+    if result.location.running:
+        click.echo(f"VM {vmid} is running: the new args take effect at its next start")
+
+
+COMMANDS = [show, apply]

@@ -1,0 +1,89 @@
+"""Plan and write a VM's args line: spec + VM config + installed QEMU (an edge).
+
+Shared by `show`, `apply`, the hook's pre-start check and the service: they differ only
+in whether they write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from pve_vhost_agent import qemu, qemuargs
+from pve_vhost_agent.argsplan import plan_args
+from pve_vhost_agent.argsync import ArgsSync, sync_args
+from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.spec import Backend, ClusterSpec, VmSpec
+from pve_vhost_agent.specstore import load_spec
+from pve_vhost_agent.vmconfig import VmConfig
+from pve_vhost_agent.vmstore import VmLocation, find_vm, update_vm_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VmArgs:
+    """A VM, its spec, and where its args stand."""
+
+    location: VmLocation
+    spec: VmSpec
+    sync: ArgsSync
+
+
+def socket_dirs(settings: Settings) -> dict[Backend, object]:
+    return {backend: settings.socket_dir(backend.value) for backend in Backend}
+
+
+def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool) -> ArgsSync:
+    """Plan `vm`'s args against `config` (QEMU is asked its version only when it matters)."""
+    version = qemu.installed_version() if vm.nics else (0, 0, 0)
+    plan = plan_args(vm, config.effective(), version, socket_dirs(settings))
+    return sync_args(config, plan, running)
+
+
+def vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -> VmArgs:
+    """Where VM `vmid`'s args stand (raises NotFound, ConfigConflict, MemoryLayoutError)."""
+    cluster = load_spec(settings) if cluster is None else cluster
+    location = find_vm(settings, vmid)
+    vm = cluster.for_vm(vmid)
+    return VmArgs(location, vm, sync_for(settings, vm, location.config, bool(location.running)))
+
+
+def apply_vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -> VmArgs:
+    """Write the planned args under the VM lock (re-planned on the config read under it)."""
+    cluster = load_spec(settings) if cluster is None else cluster
+    first = vm_args(settings, vmid, cluster)  # refusals and no-ops touch nothing, not even the lock
+    if first.sync.in_sync:
+        return first
+    vm = first.spec
+    result: list[ArgsSync] = []
+
+    def change(config: VmConfig) -> VmConfig:
+        sync = sync_for(settings, vm, config, bool(find_vm(settings, vmid).running))
+        result.append(sync)
+        return sync.config_after
+
+    update = update_vm_config(settings, vmid, change)
+    if update.changed:
+        log.info("VM %s: args line written to the %s section", vmid, result[-1].section,
+                 extra={"vmid": vmid, "action": "WriteVmArgs", "result": "changed"})
+    return VmArgs(update.location, vm, result[-1])
+
+
+def vms_to_apply(settings: Settings, cluster: ClusterSpec) -> list[int]:
+    """This node's VMs that have a spec, or agent args left over from a removed spec."""
+    vmids = set()
+    for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
+        if not path.stem.isdigit():
+            continue
+        vmid = int(path.stem)
+        if cluster.for_vm(vmid):
+            vmids.add(vmid)
+            continue
+        try:
+            text = path.read_text(errors="surrogateescape")
+        except OSError:
+            continue
+        if qemuargs.agent_args(VmConfig.parse(text).effective().get("args", "")):
+            vmids.add(vmid)
+    return sorted(vmids)

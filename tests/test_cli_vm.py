@@ -1,0 +1,154 @@
+"""`show` and `apply`: the planned args line, written once, kept in step with the VM."""
+
+import json
+
+import pytest
+
+from pve_vhost_agent.vmconfig import VmConfig
+
+ROUTER = """\
+#TNSR router
+boot: order=scsi0
+cores: 2
+memory: 4096
+balloon: 0
+name: router
+net0: virtio=BC:24:11:00:00:01,bridge=vmbr0
+args: -smbios 'type=1,serial=a b'
+ostype: l26
+"""
+
+
+@pytest.fixture
+def router(pve_root):
+    pve_root.write_vm(100, ROUTER)
+    assert pve_root.cli("nic", "add", "100", "net1", "--bridge", "br-vhost", "--qinq", "950").returncode == 0
+    return pve_root
+
+
+def config_of(root, vmid=100) -> VmConfig:
+    return VmConfig.parse(root.vm_path(vmid).read_text())
+
+
+def show_json(root, vmid=100) -> dict:
+    result = root.cli("show", str(vmid), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_show_json_lists_the_agent_args_as_proxmox_splits_them(router):
+    shown = show_json(router)
+    sock = str(router.root / "run/pve-vhost-agent/ovs/vm-100-1.sock")
+    assert shown["args"][:4] == ["-object", "memory-backend-memfd,id=vhu-mem,size=4096M,share=on",
+                                 "-machine", "memory-backend=vhu-mem"]
+    assert f"socket,id=vhu-net1,path={sock},server=on,wait=off" in shown["args"]
+    assert shown["in_sync"] is False and shown["current"] == []
+    assert shown["running"] is False and shown["node"] == router.node
+
+
+def test_apply_writes_once_keeps_user_args_and_every_other_byte(router):
+    before = router.vm_path(100).read_text()
+    first = router.cli("apply", "100")
+    assert first.returncode == 0, first.stderr
+    assert "args written to the VM config" in first.stdout
+    after = router.vm_path(100).read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(changed) == 1 and changed[0][0].startswith("args: ")
+    assert changed[0][1].startswith("args: -smbios 'type=1,serial=a b' -object memory-backend-memfd")
+    assert show_json(router)["in_sync"] is True
+    again = router.cli("apply", "100")
+    assert again.returncode == 0 and "args up to date" in again.stdout
+    assert router.vm_path(100).read_text() == after
+
+
+def test_memory_change_is_explained_and_fixed_by_apply(router):
+    router.cli("apply", "100")
+    text = router.vm_path(100).read_text().replace("memory: 4096", "memory: 8192")
+    router.vm_path(100).write_text(text)
+    shown = router.cli("show", "100")
+    assert "vhu-mem: -object size 4096M -> 8192M" in shown.stdout
+    assert "fix: pve-vhost-agent apply 100" in shown.stdout
+    assert router.cli("apply", "100").returncode == 0
+    assert "size=8192M" in config_of(router).section("main")["args"]
+
+
+def test_pending_memory_is_what_the_next_start_uses(router):
+    router.vm_path(100).write_text(ROUTER + "\n[PENDING]\nmemory: 2048\n")
+    router.cli("apply", "100")
+    assert "size=2048M" in config_of(router).section("main")["args"]
+
+
+def test_running_vm_gets_a_pending_change(router, tmp_path):
+    import subprocess
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = router.root / "var/run/qemu-server/100.pid"
+        pidfile.parent.mkdir(parents=True)
+        pidfile.write_text(f"{sleeper.pid}\n")
+        result = router.cli("apply", "100")
+        assert result.returncode == 0, result.stderr
+        assert "as a pending change" in result.stdout and "next start" in result.stdout
+        config = config_of(router)
+        assert config.section("main")["args"] == "-smbios 'type=1,serial=a b'"
+        assert "vhu-net1" in config.section("pending")["args"]
+        assert router.cli("apply", "100").stdout.strip() == "VM 100: args up to date"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_removing_the_spec_removes_only_the_agent_args(router):
+    router.cli("apply", "100")
+    router.cli("nic", "remove", "100", "net1")
+    result = router.cli("apply", "--all")
+    assert result.returncode == 0, result.stderr
+    assert "vhu-net1: in args but no longer planned" in result.stdout
+    assert router.vm_path(100).read_text() == ROUTER
+
+
+def test_apply_dry_run_writes_nothing(router):
+    before = router.snapshot()
+    result = router.cli("apply", "100", "--dry-run")
+    assert result.returncode == 0 and "dry run: would write args" in result.stdout
+    assert router.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "edit, words, code",
+    [
+        (("balloon: 0\n", ""), "balloon", 8),
+        (("memory: 4096\n", "memory: 4096\nhotplug: disk,network,memory\n"), "hotplug", 8),
+        (("memory: 4096\n", "memory: 4096\nnuma: 1\n"), "numa", 8),
+        (("args: -smbios 'type=1,serial=a b'\n", "args: -numa node,nodeid=0\n"), "-numa", 4),
+    ],
+)
+def test_unsafe_layouts_are_refused_with_one_line_and_nothing_written(router, edit, words, code):
+    router.vm_path(100).write_text(ROUTER.replace(*edit))
+    before = router.snapshot()
+    for command in (("show", "100", "--json"), ("apply", "100")):
+        result = router.cli(*command)
+        assert result.returncode == code, result
+        assert result.stdout == "" and len(result.stderr.splitlines()) == 1 and words in result.stderr
+    assert router.snapshot() == before
+
+
+def test_unknown_vm_and_remote_vm(router):
+    result = router.cli("apply", "999")
+    assert result.returncode == 5 and "VM 999 does not exist" in result.stderr
+    router.write_vm(200, ROUTER, node="other")
+    router.cli("nic", "add", "200", "net1", "--bridge", "br-vhost")
+    before = router.snapshot()
+    result = router.cli("apply", "200")
+    assert result.returncode == 4 and "lives on node other" in result.stderr
+    assert router.snapshot() == before
+    # --all takes only this node's VMs.
+    assert "200" not in router.cli("apply", "--all").stdout
+
+
+def test_apply_all_reports_each_vm_and_fails_if_one_fails(router):
+    router.write_vm(101, ROUTER.replace("balloon: 0\n", ""))
+    router.cli("nic", "add", "101", "net2", "--bridge", "br-vhost")
+    result = router.cli("apply", "--all")
+    assert result.returncode == 8
+    assert "VM 100: args written" in result.stdout
+    assert result.stderr.startswith("VM 101: ") and "balloon" in result.stderr
