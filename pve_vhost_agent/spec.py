@@ -166,6 +166,26 @@ class TapQinQ:
         return f"tap{self.vmid}i{self.index}"
 
 
+_VOLUME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*:snippets/[A-Za-z0-9._+-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainedHook:
+    """The hookscript a VM had before `enable`: the agent's hookscript runs it after its own
+    work in every phase, and `disable` puts it back (a VM has only one hookscript)."""
+
+    vmid: int
+    hookscript: str  # a Proxmox volume id, e.g. local:snippets/backup-hook.pl
+
+    def __post_init__(self) -> None:
+        check_vmid(self.vmid)
+        if not isinstance(self.hookscript, str) or not _VOLUME.fullmatch(self.hookscript):
+            raise SpecError(
+                f"hookscript {self.hookscript!r} is not a snippet volume id",
+                "write it as <storage>:snippets/<file>, e.g. local:snippets/hook.pl",
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class VmSpec:
     """Everything declared for one VM."""
@@ -173,8 +193,10 @@ class VmSpec:
     vmid: int
     nics: tuple[VhostNic, ...] = ()
     tap_qinq: tuple[TapQinQ, ...] = ()
+    chained_hook: ChainedHook | None = None
 
     def __bool__(self) -> bool:
+        """True when the agent has work for this VM (a chained hook alone is not work)."""
         return bool(self.nics or self.tap_qinq)
 
 
@@ -184,10 +206,15 @@ class ClusterSpec:
 
     nics: tuple[VhostNic, ...] = ()
     tap_qinq: tuple[TapQinQ, ...] = ()
+    hooks: tuple[ChainedHook, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nics", tuple(sorted(self.nics, key=lambda n: n.key)))
         object.__setattr__(self, "tap_qinq", tuple(sorted(self.tap_qinq, key=lambda q: q.key)))
+        object.__setattr__(self, "hooks", tuple(sorted(self.hooks, key=lambda h: h.vmid)))
+        hook_vms = [h.vmid for h in self.hooks]
+        if len(set(hook_vms)) != len(hook_vms):
+            raise SpecError("a VM has two chained hookscripts", "keep one `vm:` section per VM")
         seen: dict[tuple[int, int], str] = {}
         for entry in (*self.nics, *self.tap_qinq):
             if entry.key in seen:
@@ -213,7 +240,15 @@ class ClusterSpec:
             vmid,
             tuple(n for n in self.nics if n.vmid == vmid),
             tuple(q for q in self.tap_qinq if q.vmid == vmid),
+            next((h for h in self.hooks if h.vmid == vmid), None),
         )
+
+    def with_hook(self, vmid: int, hookscript: str | None) -> "ClusterSpec":
+        """A copy where VM `vmid` chains `hookscript` (None: chains nothing)."""
+        hooks = tuple(h for h in self.hooks if h.vmid != vmid)
+        if hookscript is not None:
+            hooks += (ChainedHook(vmid, hookscript),)
+        return dataclasses.replace(self, hooks=hooks)
 
     def entry(self, vmid: int, index: int) -> VhostNic | TapQinQ | None:
         for e in (*self.nics, *self.tap_qinq):
@@ -225,13 +260,14 @@ class ClusterSpec:
         """A copy where `entry` replaces whatever the VM's NIC index had before."""
         rest = self.without(entry.vmid, entry.index)
         if isinstance(entry, VhostNic):
-            return ClusterSpec(rest.nics + (entry,), rest.tap_qinq)
-        return ClusterSpec(rest.nics, rest.tap_qinq + (entry,))
+            return dataclasses.replace(rest, nics=rest.nics + (entry,))
+        return dataclasses.replace(rest, tap_qinq=rest.tap_qinq + (entry,))
 
     def without(self, vmid: int, index: int) -> "ClusterSpec":
-        return ClusterSpec(
-            tuple(n for n in self.nics if n.key != (vmid, index)),
-            tuple(q for q in self.tap_qinq if q.key != (vmid, index)),
+        return dataclasses.replace(
+            self,
+            nics=tuple(n for n in self.nics if n.key != (vmid, index)),
+            tap_qinq=tuple(q for q in self.tap_qinq if q.key != (vmid, index)),
         )
 
 

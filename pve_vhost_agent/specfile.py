@@ -11,7 +11,11 @@ Pure: text in, ClusterSpec out, and back. One section per NIC:
     \tqinq 200
     \tcvlans 10,20-30
 
-The id names the VM and the NIC, so no key repeats them. Defaults are left out when
+    vm: 100
+    \tchain-hookscript local:snippets/backup-hook.pl
+
+The id names the VM and the NIC, so no key repeats them. A `vm` section records the
+hookscript a VM had before `pve-vhost-agent enable` (the agent's hookscript chains it). Defaults are left out when
 writing (bridge and mac are always written), and the output is sorted by VM and NIC,
 so the same spec always gives the same bytes.
 """
@@ -26,13 +30,15 @@ from pve_vhost_agent.errors import SpecError
 
 VHOST = "vhostuser"
 QINQ = "qinq"
+VM = "vm"
 _HEADER = re.compile(r"^(\S+):\s*(\S+)\s*$")
 _PROPERTY = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
 _ID = re.compile(r"^([0-9]+)-(net[0-9]+)$")
+_VM_ID = re.compile(r"^[0-9]+$")
 _VHOST_KEYS = ("backend", "bridge", "mac", "tag", "trunks", "qinq", "cvlans", "ethertype",
                "queues", "rx-queue-size", "tx-queue-size", "mtu")
 _QINQ_KEYS = ("qinq", "cvlans", "ethertype")
-KEYS = {VHOST: _VHOST_KEYS, QINQ: _QINQ_KEYS}
+KEYS = {VHOST: _VHOST_KEYS, QINQ: _QINQ_KEYS, VM: ("chain-hookscript",)}
 
 
 class _Section:
@@ -59,12 +65,15 @@ def parse_spec(text: str, source: str = "spec file") -> spec.ClusterSpec:
             continue
         current = _start_section(line, lineno, where)
         sections.append(current)
-    entries = [_entry(section, source) for section in sections]
-    _check_unique(sections, entries, source)
+    nic_sections = [s for s in sections if s.kind != VM]
+    entries = [_entry(section, source) for section in nic_sections]
+    _check_unique(nic_sections, entries, source)
+    hooks = [_hook(section, source) for section in sections if section.kind == VM]
     try:
         return spec.ClusterSpec(
             tuple(e for e in entries if isinstance(e, spec.VhostNic)),
             tuple(e for e in entries if isinstance(e, spec.TapQinQ)),
+            tuple(hooks),
         )
     except SpecError as err:
         raise SpecError(f"{source}: {err.problem}", err.fix) from err
@@ -94,9 +103,20 @@ def _start_section(line: str, lineno: int, where: str) -> _Section:
     kind, ident = match.groups()
     if kind not in KEYS:
         raise SpecError(f"{where}: unknown section type {kind!r}", f"use one of: {', '.join(KEYS)}")
-    if not _ID.match(ident):
+    if kind == VM:
+        if not _VM_ID.match(ident):
+            raise SpecError(f"{where}: section id {ident!r} is not a VM id", "name it like `vm: 100`")
+    elif not _ID.match(ident):
         raise SpecError(f"{where}: section id {ident!r} is not <vmid>-net<N>", "name it like 100-net1")
     return _Section(lineno, kind, ident)
+
+
+def _hook(section: _Section, source: str) -> spec.ChainedHook:
+    try:
+        return spec.ChainedHook(int(section.ident), _Reader(section, source).text("chain-hookscript"))
+    except SpecError as err:
+        raise SpecError(f"{source} line {section.lineno} ({section.kind}: {section.ident}): {err.problem}",
+                        err.fix) from err
 
 
 def _add_property(current: _Section | None, line: str, lineno: int, where: str) -> _Section:
@@ -223,7 +243,8 @@ def format_entry(entry: spec.VhostNic | spec.TapQinQ) -> str:
 
 def format_spec(cluster: spec.ClusterSpec) -> str:
     entries = sorted((*cluster.nics, *cluster.tap_qinq), key=lambda e: e.key)
-    return "".join(format_entry(e) for e in entries)
+    hooks = "".join(f"{VM}: {h.vmid}\n\tchain-hookscript {h.hookscript}\n\n" for h in cluster.hooks)
+    return "".join(format_entry(e) for e in entries) + hooks
 
 
 def _vhost_props(nic: spec.VhostNic) -> list[tuple[str, str]]:
