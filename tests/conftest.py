@@ -11,3 +11,6 @@ pytest_plugins: list[str] = []
 
 # Real Proxmox configs and command lines (../shared/peer beside the checkout, in CI too).
 PEER = REPO.parent / "shared" / "peer"
+
+# Real QEMU (Proxmox-like command lines, QMP) for the args tests.
+pytest_plugins += ["fixtures.qemu"]
