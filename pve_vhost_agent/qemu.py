@@ -49,10 +49,10 @@ def installed_version(binary: Path | str | None = None) -> tuple[int, int, int]:
         )
     except FileNotFoundError as err:
         raise AgentError(f"QEMU binary {path} does not exist", "install pve-qemu-kvm (Proxmox) or qemu-system-x86") from err
-    except PermissionError as err:
-        raise AgentError(f"QEMU binary {path} cannot be run", "check that it is an executable file") from err
     except subprocess.TimeoutExpired as err:
         raise AgentTimeout(f"{path} --version did not answer within {VERSION_TIMEOUT:g} s", "check the QEMU install") from err
+    except OSError as err:
+        raise AgentError(f"QEMU binary {path} cannot be run ({err.strerror})", "check that it is QEMU's executable") from err
     if result.returncode != 0:
         raise AgentError(
             f"{path} --version failed with exit code {result.returncode}: {result.stderr.strip()[:200]}",

@@ -203,11 +203,11 @@ def is_agent_owned(pair: OptionPair) -> bool:
 
 
 def _owned_indices(tokens: Sequence[Token]) -> set[int]:
+    index = {token: i for i, token in enumerate(tokens)}  # spans make tokens unique
     owned = set()
-    index = {id(t): i for i, t in enumerate(tokens)}
     for pair in option_pairs(tokens):
         if is_agent_owned(pair):
-            owned.update((index[id(pair.option)], index[id(pair.value)]))
+            owned.update((index[pair.option], index[pair.value]))
     return owned
 
 

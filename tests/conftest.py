@@ -12,3 +12,6 @@ pytest_plugins: list[str] = []
 # Real Proxmox configs and command lines (../shared/peer beside the checkout, in CI too).
 PEER = REPO.parent / "shared" / "peer"
 pytest_plugins.append("fixtures.pveroot")
+
+# Real QEMU (Proxmox-like command lines, QMP) for the args tests.
+pytest_plugins += ["fixtures.qemu"]
