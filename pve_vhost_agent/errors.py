@@ -92,3 +92,15 @@ class StaleArgs(AgentError):
     """The VM's args line differs from the plan (pre-start must abort the start)."""
 
     exit_code = ExitCode.STALE
+
+
+class UsageError(AgentError):
+    """The command was called with arguments it cannot take (e.g. an unknown hook phase)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class CapacityError(AgentError):
+    """The host lacks room for the VM's shared memory (pre-start aborts the start)."""
+
+    exit_code = ExitCode.REFUSED
