@@ -92,3 +92,9 @@ class StaleArgs(AgentError):
     """The VM's args line differs from the plan (pre-start must abort the start)."""
 
     exit_code = ExitCode.STALE
+
+
+class OvsRefused(AgentError):
+    """Open vSwitch is set up in a way the spec cannot safely be applied to (vlan-limit, datapath)."""
+
+    exit_code = ExitCode.REFUSED
