@@ -136,7 +136,8 @@ def memory_layout(config: Mapping[str, str]) -> MemoryLayout:
         hugepages=hugepages.strip() if hugepages else None,
         memory_hotplug="memory" in {i.strip() for i in hotplug_items},
         balloon=balloon,
-        virtiofs=any(_VIRTIOFS_KEY.match(k) for k in config),
+        # qemu-server counts a virtiofsN only when its value is true to Perl (not "" or "0").
+        virtiofs=any(_VIRTIOFS_KEY.match(k) and v.strip() not in ("", "0") for k, v in config.items()),
     )
 
 
