@@ -204,3 +204,26 @@ class OvsState:
         return tuple(
             p for p in self.ports if p.owner in (OWNS_PORT, OWNS_VLAN) and (vmid is None or p.vmid == vmid)
         )
+
+
+def port_report(port: OvsPort) -> dict:
+    """What `status` and the post-start check show of a port, as plain JSON-able values."""
+    iface = port.interface or OvsInterface(port.name)
+    saved = port.saved_vlan if port.owner == OWNS_VLAN else None
+    return {
+        "port": port.name,
+        "bridge": port.bridge,
+        "owner": port.owner,
+        "vmid": port.vmid,
+        "nic": port.nic,
+        "type": iface.type or "system",
+        "socket": iface.socket_path or None,
+        "vlan": str(port.vlan),
+        "saved_vlan": str(saved) if saved else None,
+        "ofport": iface.ofport,
+        "link_state": iface.link_state or None,
+        "admin_state": iface.admin_state or None,
+        "vhost_mode": iface.status.get("mode"),
+        "vhost_status": iface.status.get("status"),
+        "error": iface.error or None,
+    }

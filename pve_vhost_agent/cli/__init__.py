@@ -50,7 +50,9 @@ def run() -> None:
 
 
 # Subcommand modules, one per group; each exports `COMMANDS`.
-SUBCOMMAND_MODULES: tuple = ()
+from pve_vhost_agent.cli import ovs  # noqa: E402  (imported after `main` exists)
+
+SUBCOMMAND_MODULES: tuple = (ovs,)
 
 for _module in SUBCOMMAND_MODULES:
     for _command in _module.COMMANDS:
