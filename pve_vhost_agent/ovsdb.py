@@ -3,7 +3,9 @@
 Uses only the part of python3-openvswitch's `ovs.db.idl` API that Debian 12 (OVS 3.1)
 and Debian 13 (OVS 3.5) share: `Idl`, `SchemaHelper(schema_json=...)`,
 `register_columns`, `Transaction` with `commit()`/`increment()`/`verify()`, and the
-`Row` map/set mutators. (3.5's `Transaction.add_op` is not in 3.1.)
+`Row` map/set mutators. Not used: 3.5's `Transaction.add_op` (absent in 3.1),
+`insert(persist_uuid=True)` (3.1 sends a bad UUID), the `Monitor` enum (ints in 3.1,
+strings in 3.5), and `commit_block()` (it has no timeout).
 
 Every wait is bounded by `timeout` seconds; the schema is taken from the server, so
 the agent registers only columns that server has.
