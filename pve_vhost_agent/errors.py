@@ -104,3 +104,9 @@ class CapacityError(AgentError):
     """The host lacks room for the VM's shared memory (pre-start aborts the start)."""
 
     exit_code = ExitCode.REFUSED
+
+
+class OvsRefused(AgentError):
+    """Open vSwitch is set up in a way the spec cannot safely be applied to (vlan-limit, datapath)."""
+
+    exit_code = ExitCode.REFUSED

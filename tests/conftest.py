@@ -15,3 +15,5 @@ pytest_plugins.append("fixtures.pveroot")
 
 # Real QEMU (Proxmox-like command lines, QMP) for the args tests.
 pytest_plugins += ["fixtures.qemu"]
+
+pytest_plugins.append("fixtures.ovs")
