@@ -34,10 +34,14 @@ class AgentGroup(click.Group):
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/"),
     show_default=True,
-    help="Folder under which every host path (/etc/pve, /run, /var/lock, /var/lib/vz) is taken.",
+    envvar="PVE_VHOST_AGENT_ROOT",
+    help="Folder under which every host path (/etc/pve, /run, /var/lock, /var/lib/vz) is taken "
+    "(env PVE_VHOST_AGENT_ROOT: the hookscript gets only <vmid> <phase>).",
 )
-@click.option("--ovsdb", default=DEFAULT_OVSDB, show_default=True, help="OVSDB socket, unix:PATH.")
-@click.option("--node", default=None, help="This node's Proxmox name [default: short host name].")
+@click.option("--ovsdb", default=DEFAULT_OVSDB, show_default=True, envvar="PVE_VHOST_AGENT_OVSDB",
+              help="OVSDB socket, unix:PATH (env PVE_VHOST_AGENT_OVSDB).")
+@click.option("--node", default=None, envvar="PVE_VHOST_AGENT_NODE",
+              help="This node's Proxmox name [default: short host name] (env PVE_VHOST_AGENT_NODE).")
 @click.pass_context
 def main(ctx: click.Context, root: Path, ovsdb: str, node: str | None) -> None:
     """Declare vhost-user NICs and QinQ ports of Proxmox VMs; keep args and OVS in step."""
