@@ -12,3 +12,6 @@ pytest_plugins: list[str] = []
 # Real Proxmox configs and command lines (../shared/peer beside the checkout, in CI too).
 PEER = REPO.parent / "shared" / "peer"
 pytest_plugins.append("fixtures.journald")
+if not PEER.exists():  # a git worktree at <work>/wt/<name>: shared/ sits two levels up
+    PEER = REPO.parent.parent / "shared" / "peer"
+pytest_plugins.append("fixtures.standin_ovs")
