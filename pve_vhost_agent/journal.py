@@ -77,7 +77,7 @@ class JournalHandler(logging.Handler):
         try:
             message = record.getMessage()
             if record.exc_info:
-                message = f"{message}\n{self.formatter_or_default().formatException(record.exc_info)}"
+                message = f"{message}\n{(self.formatter or logging.Formatter()).formatException(record.exc_info)}"
             sd_journal.send(
                 message,
                 CODE_FILE=record.pathname,
@@ -90,9 +90,6 @@ class JournalHandler(logging.Handler):
             )
         except Exception:  # logging's contract: report through handleError, never raise
             self.handleError(record)
-
-    def formatter_or_default(self) -> logging.Formatter:
-        return self.formatter or logging.Formatter()
 
 
 class HumanFormatter(logging.Formatter):

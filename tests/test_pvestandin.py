@@ -3,6 +3,7 @@
 import re
 import shlex
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from pvestandin import (
 )
 from pvestandin.recording_hook import RecordingHook
 
-from conftest import PEER
+from conftest import PEER, REPO
 
 CFG2CMD = PEER / "qemu-server-cfg2cmd"
 
@@ -184,7 +185,7 @@ def test_migration_runs_start_hooks_on_the_target_with_the_config_still_at_the_s
     vm = migrate(source, target, 107)
 
     assert not qemu.is_alive(old.pid) and qemu.is_alive(vm.pid)
-    assert qemu.qmp_command(vm.qmp, "query-status")["status"] in ("paused", "prelaunch", "postmigrate")
+    assert qemu.qmp_command(vm.qmp, "query-status")["status"] == "prelaunch"  # as the source was
     calls = hook.calls()
     assert [(c["phase"], c["node"], c["PVE_MIGRATED_FROM"]) for c in calls] == [
         ("pre-start", "nodeA", ""), ("post-start", "nodeA", ""),
@@ -199,6 +200,17 @@ def test_migration_runs_start_hooks_on_the_target_with_the_config_still_at_the_s
     target.stop(107)
     assert hook.phases()[4:] == ["pre-stop", "post-stop"]
     assert hook.calls()[4]["node"] == "nodeB"
+
+
+def test_a_running_vm_keeps_running_after_migration(cluster, hook):
+    write_conf(cluster, 112, [])
+    source = Qm(cluster, "nodeA", paused=False, hook_timeout=60)
+    target = Qm(cluster, "nodeB", paused=False, hook_timeout=60)
+    source.start(112)
+    vm = migrate(source, target, 112)
+    assert qemu.qmp_command(vm.qmp, "query-status")["status"] == "running"
+    assert source.pid(112) is None
+    assert hook.phases() == ["pre-start", "post-start", "pre-start", "post-start"]
 
 
 def test_a_migration_listens_line_from_a_hook_breaks_the_migration(cluster, hook):
@@ -258,6 +270,10 @@ def test_taps_are_plugged_into_ovs_with_proxmox_vlan_settings(ovs_cluster, stand
     node.crash(110)  # no downscript; qmeventd's cleanup unplugs
     assert [standin_ovs.port(f"tap110i{i}") for i in range(3)] == [{}, {}, {}]
     assert hook.phases() == ["pre-start", "post-start", "pre-stop", "post-stop", "pre-start", "post-start", "post-stop"]
+    # Run inside the node's network namespace, the hook still gets Proxmox's argv and stdin.
+    first = hook.calls()[0]
+    assert (first["argv"], first["stdin"], first["LC_ALL"]) == (
+        [snippet(ovs_cluster, "nodeA", "recorder.py"), "110", "pre-start"], "", "C")
 
 
 def test_missing_bridge_fails_the_start_like_proxmox(ovs_cluster, workdir):
@@ -342,3 +358,33 @@ def test_whole_cfg2cmd_corpus_matches_or_is_declared_not_modelled():
         "efi-raw-template.conf", "q35-linux-hostpci-template.conf", "simple1-template.conf",
     }
     assert len(matched) >= 80
+
+
+JOURNAL_HOOK = """#!/usr/bin/python3
+import logging, sys
+sys.path.insert(0, {repo!r})
+from pve_vhost_agent.journal import context_logger, setup_logging
+setup_logging(journal=True, human_stream=sys.stdout)
+log = context_logger(logging.getLogger("pve_vhost_agent.hook"), vmid=int(sys.argv[1]), phase=sys.argv[2])
+log.info("phase %s", sys.argv[2])
+"""
+
+
+def test_hooks_on_a_node_log_into_a_private_journald(workdir, journald):
+    cluster = Cluster(workdir / "cluster", PEER / "qemu-server-readconfig")
+    cluster.add_node("nodeA", mount_ns=journald.mount_ns)
+    script = workdir / "journal-hook"
+    script.write_text(JOURNAL_HOOK.format(repo=str(REPO)))
+    cluster.install_hookscript(script)
+    vmid = 200_000 + uuid.uuid4().int % 700_000_000  # unique in the session's journal
+    cluster.write_vm_config("nodeA", vmid, "hookscript: local:snippets/journal-hook\nmemory: 64\n")
+    try:
+        node = qm(cluster)
+        started = node.start(vmid)
+        stopped = node.stop(vmid)
+    finally:
+        kill_leftovers(cluster)
+    phases = ["pre-start", "post-start", "pre-stop", "post-stop"]
+    assert started.task.lines + stopped.lines == [f"phase {p}" for p in phases]
+    entries = journald.entries("SYSLOG_IDENTIFIER=pve-vhost-agent", f"VMID={vmid}", count=4)
+    assert [(e["PHASE"], e["MESSAGE"], e["PRIORITY"]) for e in entries] == [(p, f"phase {p}", "6") for p in phases]
