@@ -61,6 +61,20 @@ def write_conf(cluster, vmid, lines, node="nodeA", pending=()):
     return cluster.write_vm_config(node, vmid, text)
 
 
+def qemu_processes_under(folder):
+    """PIDs of live QEMU processes whose command line names a path under `folder`."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-system-x86_64") and any(str(folder).encode() in a for a in argv):
+            if qemu.is_alive(int(proc.name)):
+                pids.append(int(proc.name))
+    return pids
+
+
 def snippet(cluster, node, name):
     return str(cluster.nodes[node].path("/var/lib/vz/snippets") / name)
 
@@ -162,6 +176,7 @@ def test_failed_qemu_start_runs_no_further_hook(cluster, hook):
     with pytest.raises(StartFailed, match="QEMU exited with code 1"):
         qm(cluster).start(105)
     assert hook.phases() == ["pre-start"]
+    assert qemu_processes_under(cluster.base) == []
     assert not cluster.nodes["nodeA"].path("/run/qemu-server/105.cleanup").exists()
 
 
@@ -388,3 +403,18 @@ def test_hooks_on_a_node_log_into_a_private_journald(workdir, journald):
     assert started.task.lines + stopped.lines == [f"phase {p}" for p in phases]
     entries = journald.entries("SYSLOG_IDENTIFIER=pve-vhost-agent", f"VMID={vmid}", count=4)
     assert [(e["PHASE"], e["MESSAGE"], e["PRIORITY"]) for e in entries] == [(p, f"phase {p}", "6") for p in phases]
+
+
+def test_a_start_blocked_on_a_vhost_user_socket_times_out_without_leftovers(cluster, hook, workdir):
+    sock = workdir / "vhu.sock"
+    write_conf(cluster, 113, ["balloon: 0", (
+        f"args: -object memory-backend-memfd,id=mem,size=64M,share=on -machine memory-backend=mem"
+        f" -chardev socket,id=vhu0,path={sock},server=on,wait=off"
+        f" -netdev type=vhost-user,id=vhu0,chardev=vhu0 -device virtio-net-pci,netdev=vhu0,id=vhu0"
+    )])
+    node = Qm(cluster, "nodeA", start_timeout=2, hook_timeout=60)
+    with pytest.raises(StartFailed, match="QEMU did not start within 2 s"):
+        node.start(113)
+    assert hook.phases() == ["pre-start"]
+    assert qemu_processes_under(cluster.base) == []
+    assert not cluster.nodes["nodeA"].path("/run/qemu-server/113.cleanup").exists()

@@ -118,6 +118,7 @@ def launch(argv: list[str], env: dict[str, str], pidfile: Path, timeout: float) 
         if daemon is not None:
             kill(daemon)
         proc.kill()
-        out, _ = proc.communicate()
+        # Bounded: a daemon that had not written its pidfile yet would hold the pipe open.
+        out, _ = proc.communicate(timeout=10)
         raise subprocess.TimeoutExpired(argv, timeout, output=out) from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, "")
