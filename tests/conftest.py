@@ -17,3 +17,4 @@ pytest_plugins.append("fixtures.pveroot")
 pytest_plugins += ["fixtures.qemu"]
 
 pytest_plugins.append("fixtures.ovs")
+pytest_plugins += ["fixtures.journald", "fixtures.standin_ovs"]
