@@ -1,0 +1,98 @@
+"""The hookscript's front door: silent for VMs that are not the agent's, one line for bad calls."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+HOOKSCRIPT = REPO / "hookscripts" / "pve-vhost-agent"
+VM = "balloon: 0\nmemory: 512\nname: r\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n"
+
+
+def call_hook(root, *argv: str, **env) -> subprocess.CompletedProcess:
+    """As pve-guest-common runs it: argv only, LC_ALL=C, an empty stdin pipe, no shell."""
+    environment = {**os.environ, "LC_ALL": "C", "PYTHONPATH": str(REPO),
+                   "PVE_VHOST_AGENT_ROOT": str(root.root), "PVE_VHOST_AGENT_NODE": root.node, **env}
+    return subprocess.run([str(HOOKSCRIPT), *argv], input=b"", capture_output=True, env=environment, timeout=60)
+
+
+def test_the_hookscript_is_an_executable_python_script():
+    assert os.access(HOOKSCRIPT, os.X_OK)
+    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3\n")
+
+
+@pytest.mark.parametrize("phase", ["pre-start", "post-start", "pre-stop", "post-stop"])
+def test_a_vm_without_spec_gets_exit_0_and_no_output(pve_root, phase):
+    pve_root.write_vm(100, VM)
+    result = call_hook(pve_root, "100", phase, PVE_MIGRATED_FROM="")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (("100", "pre-boot"), b"unknown hook phase 'pre-boot'; use one of: pre-start, post-start, pre-stop, post-stop"),
+        (("abc", "pre-start"), b"VM id 'abc' is not a positive integer"),
+        (("0", "pre-start"), b"VM id '0' is not a positive integer"),
+    ],
+)
+def test_bad_calls_get_one_line_and_exit_2(pve_root, argv, words):
+    result = call_hook(pve_root, *argv)
+    assert result.returncode == 2 and result.stdout == b""
+    assert len(result.stderr.splitlines()) == 1 and words in result.stderr
+
+
+def test_a_spec_whose_vm_config_is_gone_aborts_pre_start(pve_root):
+    pve_root.write_vm(100, VM)
+    assert pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv").returncode == 0
+    pve_root.vm_path(100).unlink()
+    result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
+    assert result.returncode == 5
+    assert b"VM 100 has a spec but no config" in result.stdout
+
+
+def test_a_malformed_spec_file_aborts_pre_start_with_the_line(pve_root):
+    pve_root.write_vm(100, VM)
+    pve_root.spec_file.write_text("vhostuser: 100-net1\n\tbridge brv\n\tmac 02:00:00:00:00:01\n\ttag 5000\n")
+    result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
+    assert result.returncode == 3
+    assert b"pve-vhost-agent.cfg line 1 (vhostuser: 100-net1): VLAN tag 5000 is outside 1-4094" in result.stderr
+
+
+def test_install_hook_puts_an_executable_copy_into_the_storage(pve_root):
+    (pve_root.root / "etc/pve/storage.cfg").write_text(
+        "dir: local\n\tpath /var/lib/vz\n\tcontent snippets\n\ndir: shared\n\tpath /mnt/shared\n\tcontent snippets\n")
+    first = pve_root.cli("install-hook", "--storage", "shared")
+    target = pve_root.root / "mnt/shared/snippets/pve-vhost-agent"
+    assert first.returncode == 0 and f"installed at {target}" in first.stdout
+    assert target.read_bytes() == HOOKSCRIPT.read_bytes() and os.access(target, os.X_OK)
+    assert "already up to date" in pve_root.cli("install-hook", "--storage", "shared").stdout
+    missing = pve_root.cli("install-hook", "--storage", "nosuch")
+    assert missing.returncode == 5 and "storage 'nosuch' is not in" in missing.stderr
+
+
+def test_enable_refuses_an_unsafe_vm_and_writes_nothing(pve_root):
+    pve_root.write_vm(100, VM.replace("balloon: 0\n", ""))
+    pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
+    before = pve_root.snapshot()
+    result = pve_root.cli("enable", "100")
+    assert result.returncode == 8 and "balloon" in result.stderr
+    assert pve_root.snapshot() == before
+
+
+def test_disable_refuses_a_running_vm_with_vhost_nics(pve_root):
+    pve_root.write_vm(100, VM)
+    pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
+    assert pve_root.cli("enable", "100").returncode == 0
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = pve_root.root / "var/run/qemu-server/100.pid"
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{sleeper.pid}\n")
+        result = pve_root.cli("disable", "100")
+        assert result.returncode == 4 and "stop the VM first" in result.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -1,0 +1,229 @@
+"""The hookscript through a faithful Proxmox stand-in: real QEMU, real OVS-DPDK, real journald.
+
+A VM with a vhost-user NIC (backend ovs) and QinQ on its Proxmox tap NIC is enabled with
+the CLI, then started, stopped, crashed and started stale, exactly as Proxmox would do it
+(tests/pvestandin). The hookscript is the repository's own, installed by `enable`.
+"""
+
+import os
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pvestandin import Cluster, Qm, StartAborted, TaskLog, kill_leftovers, qemu
+from pvestandin.hooks import exec_hookscript, start_environment
+
+from conftest import PEER, REPO
+
+MIGRATION_LINE = "migration listens on"
+
+
+class Harness:
+    """One stand-in node whose QEMU and hooks run in OVS-DPDK's netns and journald's mount ns."""
+
+    def __init__(self, workdir: Path, ovs, journald):
+        self.ovs, self.journald = ovs, journald
+        self.cluster = Cluster(workdir / "cluster", PEER / "qemu-server-readconfig")
+        self.node = self.cluster.add_node("nodeA", netns=ovs.netns, ovsdb=ovs.remote, mount_ns=journald.mount_ns)
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "PVE_VHOST_AGENT_ROOT": str(self.node.root),
+                    "PVE_VHOST_AGENT_NODE": "nodeA", "PVE_VHOST_AGENT_OVSDB": ovs.remote}
+        tag = uuid.uuid4().hex[:6]
+        self.vmid = 100_000 + uuid.uuid4().int % 800_000  # unique in the session's journal
+        self.tap_bridge, self.vhost_bridge = f"hct{tag}", f"hcv{tag}"
+        ovs.vsctl("add-br", self.tap_bridge, "--", "set", "Bridge", self.tap_bridge, "datapath_type=netdev")
+
+    def qm(self, **env) -> Qm:
+        return Qm(self.cluster, "nodeA", env={**self.env, **env}, hook_timeout=60, start_timeout=30)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(["/usr/bin/python3", "-m", "pve_vhost_agent", *args], env=self.env,
+                                capture_output=True, text=True, timeout=60)
+        assert not check or result.returncode == 0, result.stderr
+        return result
+
+    def write_vm(self, memory: int = 128) -> None:
+        self.cluster.write_vm_config("nodeA", self.vmid, (
+            f"balloon: 0\nmemory: {memory}\nname: router\n"
+            f"net0: virtio=BC:24:11:00:00:01,bridge={self.tap_bridge}\n"))
+
+    def declare_and_enable(self) -> None:
+        self.write_vm()
+        self.cli("nic", "add", str(self.vmid), "net1", "--bridge", self.vhost_bridge, "--tag", "10")
+        self.cli("qinq", "set", str(self.vmid), "net0", "--qinq", "950", "--cvlans", "10,20")
+        self.cli("enable", str(self.vmid))
+
+    def hook(self, phase: str, migrated_from: str | None = None, **env) -> subprocess.CompletedProcess:
+        """Call the VM's hookscript exactly as Proxmox does, outside a start."""
+        conf = dict(line.split(": ", 1) for line in self.node.vm_conf(self.vmid).read_text().splitlines() if ": " in line)
+        task = TaskLog()
+        run = exec_hookscript(root=self.node.root, conf=conf, vmid=self.vmid, phase=phase,
+                              env=start_environment({**self.env, **env}, migrated_from), task=task,
+                              enter=self.node.enter())
+        return run
+
+    @property
+    def vhost_port(self) -> str:
+        return f"vhu{self.vmid}i1"
+
+    @property
+    def tap(self) -> str:
+        return f"tap{self.vmid}i0"
+
+    @property
+    def socket(self) -> Path:
+        return self.node.path("/run/pve-vhost-agent/ovs") / f"vm-{self.vmid}-1.sock"
+
+    def owned_ports(self) -> list[str]:
+        return self.ovs.find("Port", f"external_ids:pve-vhost-agent\\:vmid={self.vmid}")
+
+    def stop(self) -> None:
+        kill_leftovers(self.cluster)
+        for port in self.owned_ports():
+            self.ovs.vsctl("--if-exists", "del-port", port)
+        for bridge in (self.tap_bridge, self.vhost_bridge):
+            self.ovs.vsctl("--if-exists", "del-br", bridge)
+
+
+@pytest.fixture
+def harness(ovs_dpdk, journald):
+    with tempfile.TemporaryDirectory(prefix="pva-cycle-") as workdir:
+        h = Harness(Path(workdir), ovs_dpdk, journald)
+        try:
+            yield h
+        finally:
+            h.stop()
+
+
+def chardev_connected(vm, chardev: str) -> bool:
+    for dev in qemu.qmp_command(vm.qmp, "query-chardev"):
+        if dev["label"] == chardev:
+            return not dev["filename"].startswith("disconnected:")
+    raise AssertionError(f"QEMU has no chardev {chardev}")
+
+
+def test_full_cycle_leaves_nothing_behind_and_tells_the_story(harness):
+    h = harness
+    h.declare_and_enable()
+    vm = h.qm().start(h.vmid)
+    task = vm.task.text
+
+    # pre-start made the vhost-user port: QEMU (the socket server) got past its netdev.
+    iface = h.ovs.get("Interface", h.vhost_port, "type", "options")
+    assert iface["type"] == "dpdkvhostuserclient"
+    assert iface["options"]["vhost-server-path"] == str(h.socket)
+    assert chardev_connected(vm, "vhu-net1")
+    assert h.ovs.get("Port", h.vhost_port, "tag")["tag"] == 10
+    # post-start put QinQ on Proxmox's tap port (plugged by pve-bridge after pre-start).
+    tap = h.ovs.get("Port", h.tap, "vlan_mode", "tag", "cvlans", "external_ids")
+    assert (tap["vlan_mode"], tap["tag"], sorted(tap["cvlans"])) == ("dot1q-tunnel", 950, [10, 20])
+    assert tap["external_ids"]["pve-vhost-agent:vmid"] == str(h.vmid)
+    assert "ERROR" not in task and not any(line.startswith(MIGRATION_LINE) for line in vm.task.lines)
+
+    # A second pre-start (e.g. a retried start) changes nothing.
+    before = {p: h.ovs.get("Port", p, "vlan_mode", "tag", "external_ids", "interfaces") for p in (h.vhost_port, h.tap)}
+    again = h.hook("pre-start")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Open vSwitch already as planned" in again.stdout
+    assert {p: h.ovs.get("Port", p, "vlan_mode", "tag", "external_ids", "interfaces") for p in before} == before
+
+    stop_task = h.qm().stop(h.vmid)
+    assert h.owned_ports() == [] and h.ovs.find("Port", f"name={h.vhost_port}") == []
+    assert h.ovs.find("Port", f"name={h.tap}") == []
+    assert not h.socket.exists()
+    assert not qemu.is_alive(vm.pid)
+    assert "ERROR" not in stop_task.text
+
+    entries = h.journald.entries("SYSLOG_IDENTIFIER=pve-vhost-agent", f"VMID={h.vmid}", count=6, timeout=10)
+    phases = {e.get("PHASE") for e in entries}
+    assert {"pre-start", "post-start", "pre-stop", "post-stop"} <= phases
+    actions = {(e.get("ACTION"), e.get("PORT")) for e in entries}
+    assert ("AddVhostPort", h.vhost_port) in actions and ("SetTapQinQ", h.tap) in actions
+    assert ("DelPort", h.vhost_port) in actions
+    timed = [e for e in entries if e.get("ACTION") == "ApplyOvs"]
+    assert timed and all(e["RESULT"] == "ok" and e["DURATION_MS"].isdigit() for e in timed)
+
+
+def test_stale_args_abort_the_start_with_the_fixing_command(harness):
+    h = harness
+    h.declare_and_enable()
+    path = h.node.vm_conf(h.vmid)
+    path.write_text(path.read_text().replace("memory: 128", "memory: 192"))
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(h.vmid)
+    log = caught.value.task.text
+    assert "size 128M -> 192M" in log and f"pve-vhost-agent apply {h.vmid}" in log
+    assert h.owned_ports() == []  # refused before touching OVS
+    h.cli("apply", str(h.vmid))
+    vm = h.qm().start(h.vmid)
+    assert chardev_connected(vm, "vhu-net1")
+
+
+def test_pending_memory_is_planned_before_the_start_that_applies_it(harness):
+    h = harness
+    h.declare_and_enable()
+    path = h.node.vm_conf(h.vmid)
+    path.write_text(path.read_text() + "\n[PENDING]\nmemory: 160\n")
+    h.cli("apply", str(h.vmid))  # the VM is stopped: the next start uses the pending memory
+    vm = h.qm().start(h.vmid)
+    assert vm.argv[vm.argv.index("-m") + 1] == "160"
+    assert "memory-backend-memfd,id=vhu-mem,size=160M,share=on" in vm.argv
+
+
+def test_crash_runs_no_pre_stop_and_post_stop_cleans_up(harness):
+    h = harness
+    h.declare_and_enable()
+    h.qm().start(h.vmid)
+    assert h.vhost_port in h.owned_ports()
+    task = h.qm().crash(h.vmid)
+    assert [run.phase for run in task.hooks] == ["post-stop"]
+    assert h.owned_ports() == [] and not h.socket.exists()
+
+
+def test_migration_start_reads_the_config_from_the_source_node(harness):
+    h = harness
+    h.declare_and_enable()
+    # "nodeB" shares nodeA's folders here (one machine); only its name differs.
+    as_b = {"PVE_VHOST_AGENT_NODE": "nodeB"}
+    lost = h.hook("pre-start", **as_b)
+    assert lost.returncode == 5 and "has a spec but no config" in lost.stdout
+    migrating = h.hook("pre-start", migrated_from="nodeA", **as_b)
+    assert migrating.returncode == 0, migrating.stdout
+    assert h.vhost_port in h.owned_ports()
+
+
+def test_ovs_down_aborts_pre_start_and_only_warns_at_post_stop(harness):
+    h = harness
+    h.declare_and_enable()
+    down = {"PVE_VHOST_AGENT_OVSDB": f"unix:{h.node.root}/no-ovsdb.sock"}
+    with pytest.raises(StartAborted) as caught:
+        h.qm(**down).start(h.vmid)
+    assert "cannot reach OVSDB" in caught.value.task.text
+    h.qm().start(h.vmid)
+    post = h.hook("post-stop", **down)
+    assert post.returncode == 0
+    assert "WARN:" in post.stdout and "cannot reach OVSDB" in post.stdout
+    assert h.vhost_port in h.owned_ports()  # left for the service to clean
+
+
+def test_a_failing_chained_hookscript_aborts_the_start_and_undoes_pre_start(harness):
+    h = harness
+    old = h.node.path("/var/lib/vz/snippets/old-hook.sh")
+    old.write_text('#!/bin/sh\necho "old hook $1 $2 from=$PVE_MIGRATED_FROM"\n[ "$2" != pre-start ]\n')
+    old.chmod(0o755)
+    h.write_vm()
+    path = h.node.vm_conf(h.vmid)
+    path.write_text(path.read_text() + "hookscript: local:snippets/old-hook.sh\n")
+    h.cli("nic", "add", str(h.vmid), "net1", "--bridge", h.vhost_bridge)
+    enabled = h.cli("enable", str(h.vmid))
+    assert "local:snippets/old-hook.sh will run after the agent's" in enabled.stdout
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(h.vmid)
+    assert f"old hook {h.vmid} pre-start from=" in caught.value.task.text
+    assert h.owned_ports() == []
+    disabled = h.cli("disable", str(h.vmid))
+    assert "hookscript back to local:snippets/old-hook.sh" in disabled.stdout
+    text = path.read_text()
+    assert "hookscript: local:snippets/old-hook.sh" in text and "vhu-" not in text
