@@ -11,3 +11,4 @@ pytest_plugins: list[str] = []
 
 # Real Proxmox configs and command lines (../shared/peer beside the checkout, in CI too).
 PEER = REPO.parent / "shared" / "peer"
+pytest_plugins.append("fixtures.debian_chroot")
