@@ -84,3 +84,18 @@ def test_man_page_of_the_real_cli_renders_cleanly():
     assert rendered.stderr == ""
     assert f"pve-vhost-agent {__version__}" in rendered.stdout and "1970-01-02" in rendered.stdout
     assert "qm set vmid --hookscript local:snippets/pve-vhost-agent" in rendered.stdout
+
+
+def test_hookscript_ignores_modules_beside_it(tmp_path):
+    # Proxmox runs the hookscript from a snippets folder that holds other users' scripts.
+    snippets = tmp_path / "snippets"
+    snippets.mkdir()
+    hook = snippets / "pve-vhost-agent"
+    hook.write_bytes((REPO / "hookscripts/pve-vhost-agent").read_bytes())
+    hook.chmod(0o755)
+    (snippets / "click.py").write_text("raise SystemExit('decoy click.py imported')\n")
+    result = subprocess.run([str(hook), "--help"], cwd=snippets, env={"PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=60)
+    assert "decoy" not in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "pve-vhost-agent" in output and "hook" in output  # the CLI ran, asked for `hook`
