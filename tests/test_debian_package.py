@@ -234,6 +234,20 @@ def test_remove_keeps_the_snippet_which_then_asks_for_a_reinstall(lifecycle):
     assert len(hook.stderr.splitlines()) == 1 and "apt install pve-vhost-agent" in hook.stderr
 
 
+def test_a_snippets_folder_that_refuses_the_copy_does_not_fail_the_install(lifecycle,
+                                                                            package_builds):
+    lifecycle.run("rm", SNIPPET)
+    snippets = str(lifecycle.path(SNIPPETS))
+    subprocess.run(["chattr", "+i", snippets], check=True)  # even root cannot add files
+    try:
+        result = lifecycle.install_debs(package_builds["upgrade"].deb)
+    finally:
+        subprocess.run(["chattr", "-i", snippets], check=True)
+    assert lifecycle.package_status(PACKAGE) == "ii"
+    assert f"could not copy the hookscript into {SNIPPETS}" in result.stdout + result.stderr
+    assert list(lifecycle.path(SNIPPETS).iterdir()) == []
+
+
 def test_install_without_a_snippets_folder_copies_nothing(lifecycle, package_builds):
     reset(lifecycle, package_builds["base"].deb, snippets=False)
     assert lifecycle.path(SHIPPED).is_file()
