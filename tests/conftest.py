@@ -18,3 +18,4 @@ pytest_plugins += ["fixtures.qemu"]
 
 pytest_plugins.append("fixtures.ovs")
 pytest_plugins += ["fixtures.journald", "fixtures.standin_ovs"]
+pytest_plugins.append("fixtures.debian_chroot")
