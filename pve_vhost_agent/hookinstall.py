@@ -44,12 +44,14 @@ def is_agent_hook(value: str | None) -> bool:
     return bool(value) and value.split(":", 1)[-1] == f"snippets/{HOOK_NAME}"
 
 
-def install(settings: Settings, storage: str) -> tuple[Path, bool]:
+def install(settings: Settings, storage: str, dry_run: bool = False) -> tuple[Path, bool]:
     """Copy the hookscript into `storage`'s snippets/ folder; (path, whether it changed)."""
     target = storagecfg.snippets_dir(settings, storage) / HOOK_NAME
     content = hook_source().read_bytes()
     if target.is_file() and target.read_bytes() == content and os.access(target, os.X_OK):
         return target, False
+    if dry_run:
+        return target, True
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{HOOK_NAME}.tmp.{os.getpid()}")
     try:
@@ -61,15 +63,23 @@ def install(settings: Settings, storage: str) -> tuple[Path, bool]:
     return target, True
 
 
-def enable(settings: Settings, vmid: int, storage: str) -> list[str]:
+def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -> list[str]:
     ours = volume(storage)
     location = find_vm(settings, vmid)
     before = location.config.section(MAIN).get("hookscript")
     cluster = load_spec(settings)
     vm = cluster.for_vm(vmid)
     # Plan before writing anything: a VM the agent must refuse gets nothing written.
-    sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running))
-    path, _ = install(settings, storage)
+    planned = sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running))
+    path, installs = install(settings, storage, dry_run)
+    if dry_run:
+        lines = [f"dry run: VM {vmid}: would " + ("install the hookscript at {path} and " if installs else "")
+                 .format(path=path) + f"set hookscript: {ours}"]
+        if before and not is_agent_hook(before):
+            lines.append(f"dry run: VM {vmid}: would run its hookscript {before} after the agent's")
+        if not planned.in_sync:
+            lines.append(f"dry run: VM {vmid}: would write args: {planned.line_after or '(none)'}")
+        return lines
     lines = []
     if before and not is_agent_hook(before):
         update_spec(settings, lambda spec: spec.with_hook(vmid, before))
@@ -87,7 +97,7 @@ def enable(settings: Settings, vmid: int, storage: str) -> list[str]:
     return lines
 
 
-def disable(settings: Settings, vmid: int) -> list[str]:
+def disable(settings: Settings, vmid: int, dry_run: bool = False) -> list[str]:
     location = find_vm(settings, vmid)
     cluster = load_spec(settings)
     vm = cluster.for_vm(vmid)
@@ -104,6 +114,12 @@ def disable(settings: Settings, vmid: int) -> list[str]:
             config = config.with_value("hookscript", previous)
         return sync_args(config, ArgsPlan(), bool(find_vm(settings, vmid).running)).config_after
 
+    if dry_run:
+        after = change(location.config)
+        if after.text == location.config.text:
+            return [f"dry run: VM {vmid}: nothing to undo"]
+        return [f"dry run: VM {vmid}: would write hookscript: {after.section(MAIN).get('hookscript') or '(none)'}"
+                f" and args: {after.effective().get('args') or '(none)'}"]
     update = update_vm_config(settings, vmid, change)
     if previous:
         update_spec(settings, lambda spec: spec.with_hook(vmid, None))

@@ -84,7 +84,7 @@ class Ovsdb:
             if len(step) > 3:
                 what += f" and {len(step) - 3} more"
             self.transact(lambda view, step=step: [write(view, a) for a in step], what)
-            log.info("applied %s", what)
+            log.debug("applied %s", what)
 
     def transact(self, build: Callable[[TxnView], Any], what: str, *, wait_vswitchd: bool = True) -> bool:
         """Run `build` on a new transaction and commit it; True when something changed.

@@ -96,3 +96,21 @@ def test_disable_refuses_a_running_vm_with_vhost_nics(pve_root):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_enable_disable_and_install_hook_dry_runs_write_nothing(pve_root):
+    pve_root.write_vm(100, VM + "hookscript: local:snippets/old.pl\n")
+    pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
+    before = pve_root.snapshot()
+    result = pve_root.cli("enable", "100", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "would install the hookscript at" in result.stdout and "set hookscript: local:snippets/pve-vhost-agent" in result.stdout
+    assert "would run its hookscript local:snippets/old.pl after the agent's" in result.stdout
+    assert "would write args: -object memory-backend-memfd" in result.stdout
+    assert "dry run: would install it at" in pve_root.cli("install-hook", "--dry-run").stdout
+    assert pve_root.snapshot() == before
+    assert pve_root.cli("enable", "100").returncode == 0
+    enabled = pve_root.snapshot()
+    result = pve_root.cli("disable", "100", "--dry-run")
+    assert "would write hookscript: local:snippets/old.pl and args: (none)" in result.stdout
+    assert pve_root.snapshot() == enabled

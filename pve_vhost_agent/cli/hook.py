@@ -53,30 +53,34 @@ def hook(settings: Settings, vmid: str, phase: str) -> None:
 
 @click.command("install-hook")
 @click.option("--storage", default="local", show_default=True, help="Storage whose snippets/ folder gets the hookscript.")
+@click.option("--dry-run", is_flag=True, help="Say what would be installed; write nothing.")
 @click.pass_obj
-def install_hook(settings: Settings, storage: str) -> None:
+def install_hook(settings: Settings, storage: str, dry_run: bool) -> None:
     """Put the hookscript into a storage's snippets/ folder (executable, replaced atomically)."""
-    path, changed = hookinstall.install(settings, storage)
-    click.echo(f"hookscript {'installed at' if changed else 'already up to date at'} {path}")
+    path, changed = hookinstall.install(settings, storage, dry_run)
+    verb = ("dry run: would install it at" if dry_run else "installed at") if changed else "already up to date at"
+    click.echo(f"hookscript {verb} {path}")
     click.echo(f"use it on a VM with: pve-vhost-agent enable <vmid>{'' if storage == 'local' else f' --storage {storage}'}")
 
 
 @click.command("enable")
 @click.argument("vmid", type=int)
 @click.option("--storage", default="local", show_default=True, help="Storage holding the hookscript.")
+@click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
 @click.pass_obj
-def enable(settings: Settings, vmid: int, storage: str) -> None:
+def enable(settings: Settings, vmid: int, storage: str, dry_run: bool) -> None:
     """Set the agent's hookscript on VM VMID (chaining one it had) and write its args."""
-    for line in hookinstall.enable(settings, vmid, storage):
+    for line in hookinstall.enable(settings, vmid, storage, dry_run):
         click.echo(line)
 
 
 @click.command("disable")
 @click.argument("vmid", type=int)
+@click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
 @click.pass_obj
-def disable(settings: Settings, vmid: int) -> None:
+def disable(settings: Settings, vmid: int, dry_run: bool) -> None:
     """Undo `enable`: the VM's previous hookscript back, the agent's args gone."""
-    for line in hookinstall.disable(settings, vmid):
+    for line in hookinstall.disable(settings, vmid, dry_run):
         click.echo(line)
 
 
