@@ -17,5 +17,5 @@ pytest_plugins.append("fixtures.pveroot")
 pytest_plugins += ["fixtures.qemu"]
 
 pytest_plugins.append("fixtures.ovs")
-pytest_plugins += ["fixtures.journald", "fixtures.standin_ovs"]
+pytest_plugins += ["fixtures.journald"]
 pytest_plugins.append("fixtures.debian_chroot")

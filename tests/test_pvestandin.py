@@ -252,15 +252,23 @@ def test_q35_vm_runs_with_proxmox_readconfig_and_nic_slot_on_pci1(cluster, hook)
 
 
 @pytest.fixture
-def ovs_cluster(workdir, standin_ovs):
+def ovs_cluster(workdir, ovs):
     cluster = Cluster(workdir / "cluster", PEER / "qemu-server-readconfig")
-    cluster.add_node("nodeA", netns=standin_ovs.netns, ovsdb=standin_ovs.db)
+    cluster.add_node("nodeA", netns=ovs.netns, ovsdb=ovs.remote)
     yield cluster
     kill_leftovers(cluster)
 
 
-def test_taps_are_plugged_into_ovs_with_proxmox_vlan_settings(ovs_cluster, standin_ovs, workdir):
-    bridge = standin_ovs.add_bridge("h5pvbr0")
+def port_vlan(ovs, name: str) -> dict:
+    """tag, trunks, vlan_mode of Port `name` ({} when there is no such port)."""
+    if not ovs.find("Port", f"name={name}"):
+        return {}
+    return ovs.get("Port", name, "tag", "trunks", "vlan_mode")
+
+
+def test_taps_are_plugged_into_ovs_with_proxmox_vlan_settings(ovs_cluster, ovs, workdir):
+    bridge = f"h5pvbr{uuid.uuid4().hex[:6]}"
+    ovs.vsctl("add-br", bridge, "--", "set", "Bridge", bridge, "datapath_type=netdev")
     hook = RecordingHook(workdir / "hook")
     ovs_cluster.install_hookscript(hook.script, "recorder.py")
     write_conf(ovs_cluster, 110, [
@@ -269,21 +277,22 @@ def test_taps_are_plugged_into_ovs_with_proxmox_vlan_settings(ovs_cluster, stand
         f"net2: e1000=02:00:00:00:10:02,bridge={bridge},trunks=40",
     ])
     # A stale port of the same name is deleted and re-added, as pve-common does.
-    standin_ovs.vsctl("add-port", bridge, "tap110i0", "tag=99")
+    ovs.vsctl("add-port", bridge, "tap110i0", "tag=99")
     node = qm(ovs_cluster)
     node.start(110)
-    assert standin_ovs.port("tap110i0") == {"tag": "10", "trunks": "[20, 30, 31]", "vlan_mode": "native-untagged"}
-    assert standin_ovs.port("tap110i1") == {"tag": "5", "trunks": "[]", "vlan_mode": "[]"}
-    assert standin_ovs.port("tap110i2") == {"tag": "[]", "trunks": "[40]", "vlan_mode": "[]"}
+    assert port_vlan(ovs, "tap110i0") == {"tag": 10, "trunks": [20, 30, 31], "vlan_mode": "native-untagged"}
+    assert port_vlan(ovs, "tap110i1") == {"tag": 5, "trunks": [], "vlan_mode": []}
+    assert port_vlan(ovs, "tap110i2") == {"tag": [], "trunks": 40, "vlan_mode": []}  # a one-item set reads as its item
     for i in range(3):  # a real tap that ovs-vswitchd opened, not a stale row
-        assert standin_ovs.vsctl("get", "Interface", f"tap110i{i}", "error") == "[]"
-        assert int(standin_ovs.vsctl("get", "Interface", f"tap110i{i}", "ofport")) > 0
+        iface = ovs.get("Interface", f"tap110i{i}", "error", "ofport")
+        assert iface["error"] == [] and iface["ofport"] > 0
     node.stop(110)  # QEMU's downscript unplugs
-    assert [standin_ovs.port(f"tap110i{i}") for i in range(3)] == [{}, {}, {}]
+    assert [port_vlan(ovs, f"tap110i{i}") for i in range(3)] == [{}, {}, {}]
 
     node.start(110)
     node.crash(110)  # no downscript; qmeventd's cleanup unplugs
-    assert [standin_ovs.port(f"tap110i{i}") for i in range(3)] == [{}, {}, {}]
+    assert [port_vlan(ovs, f"tap110i{i}") for i in range(3)] == [{}, {}, {}]
+    ovs.vsctl("del-br", bridge)
     assert hook.phases() == ["pre-start", "post-start", "pre-stop", "post-stop", "pre-start", "post-start", "post-stop"]
     # Run inside the node's network namespace, the hook still gets Proxmox's argv and stdin.
     first = hook.calls()[0]
