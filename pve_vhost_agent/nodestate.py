@@ -7,8 +7,6 @@ apply step, which re-checks under the VM's lock, leaves it alone.
 
 from __future__ import annotations
 
-import logging
-
 from pve_vhost_agent import pvefs, qemu
 from pve_vhost_agent.errors import AgentError, OvsUnavailable
 from pve_vhost_agent.ovsdb import UNREACHABLE_FIX, Ovsdb
@@ -19,8 +17,6 @@ from pve_vhost_agent.spec import Backend, ClusterSpec
 from pve_vhost_agent.specstore import load_spec
 from pve_vhost_agent.vmconfig import VmConfig
 from pve_vhost_agent.vmstore import vm_busy, vm_running
-
-log = logging.getLogger(__name__)
 
 
 def observe_ovs(db: Ovsdb) -> tuple[OvsState | None, Problem | None]:
@@ -41,7 +37,8 @@ def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem 
         spec = load_spec(settings)
     except AgentError as err:
         spec, problems = None, problems + [Problem.of(err)]
-    vms = _local_vms(settings)
+    vms, unreadable = _local_vms(settings)
+    problems += unreadable
     sockets = _ovs_sockets(settings)
     owned = {p.vmid for p in ovs.owned_ports() if p.vmid is not None} if ovs else set()
     local = {vm.vmid for vm in vms}
@@ -75,15 +72,19 @@ def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem 
     )
 
 
-def _local_vms(settings: Settings) -> tuple[LocalVm, ...]:
-    vms = []
+def _local_vms(settings: Settings) -> tuple[tuple[LocalVm, ...], list[Problem]]:
+    vms, problems = [], []
     for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
         if not path.stem.isdigit():
             continue
-        text = pvefs.read_text(path)
+        try:
+            text = pvefs.read_text(path)
+        except AgentError as err:  # one unreadable config must not hide the others
+            problems.append(Problem.of(err, int(path.stem)))
+            continue
         if text is not None:  # None: migrated away meanwhile
             vms.append(LocalVm(int(path.stem), VmConfig.parse(text)))
-    return tuple(sorted(vms, key=lambda vm: vm.vmid))
+    return tuple(sorted(vms, key=lambda vm: vm.vmid)), problems
 
 
 def _remote_nodes(settings: Settings, vmids: set[int]) -> dict[int, str]:

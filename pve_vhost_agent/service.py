@@ -35,13 +35,13 @@ from pve_vhost_agent.reconcile import (
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.spec import ClusterSpec
 from pve_vhost_agent.vmargs import apply_vm_args
-from pve_vhost_agent.vmstore import vm_lock, vm_running
+from pve_vhost_agent.vmstore import vm_busy, vm_lock, vm_running
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 10.0
 SETTLE = 0.3  # after an OVSDB change, let the rest of a burst (del-port, add-port) arrive
-MIN_GAP = 1.0  # at least this long between the starts of two passes woken by changes
+MIN_GAP = 1.0  # at least this long from the end of a pass to one woken by changes
 OVS_RETRY = 5.0  # while OVS is unreachable, try again at least this often
 # A busy VM with work waiting (say `qm set` re-plugging a tap under the VM lock): the
 # OVSDB changes came while it was locked, and nothing else will wake the service.
@@ -161,7 +161,11 @@ class Service:
         return None
 
     def _do(self, action: NodeAction, spec: ClusterSpec | None) -> str:
+        # Never wait for a VM's lock: whoever holds it is changing the VM; look next pass.
         if isinstance(action, WriteVmArgs):
+            if vm_busy(self.settings, action.vmid):
+                return "skipped: the VM is busy"
+            # Takes the VM lock and plans again under it, exactly as `apply` does.
             result = apply_vm_args(self.settings, action.vmid, spec)
             return "unchanged" if result.sync.in_sync else "changed"
         with contextlib.ExitStack() as held:

@@ -76,7 +76,7 @@ def test_the_unit_as_systemd_runs_it(workdir, fresh_ovs):
     dropin.mkdir()
     (dropin / "test.conf").write_text(
         "[Service]\nEnvironment=PVE_VHOST_AGENT_NODE=pve1 PVE_VHOST_AGENT_OVSDB=unix:/srv/h6sv-ovs/db.sock\n")
-    machine = workdir.name
+    machine = workdir.name.replace("_", "x")  # a machine name allows no "_"
     nspawn = subprocess.Popen(
         ["systemd-nspawn", "-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "--private-network",
          f"--machine={machine}", f"--bind={pve}:/etc/pve", f"--bind={ovs.run_dir}:/srv/h6sv-ovs",
