@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -69,6 +70,47 @@ class Ovsdb:
         idl = self._connected()
         idl.run()
         return read_state(idl, self.remote)
+
+    def live(self) -> bool:
+        """True while connected and monitoring: only then is a snapshot current.
+
+        After a dropped connection the IDL keeps its last rows while it reconnects, and
+        `snapshot()` would return them unchanged.
+        """
+        idl = self._idl
+        if idl is None:
+            return False
+        idl.run()
+        # No public accessor in OVS 3.1 or 3.5; ovsdbapp reads the session the same way.
+        monitoring = getattr(idl, "IDL_S_MONITORING", idl.state)
+        return idl._session.is_connected() and idl.state == monitoring
+
+    @property
+    def change_seqno(self) -> int:
+        """Changes whenever the replicated tables change; read right after `snapshot()`
+        it names that snapshot's version (for `wait_for_change`)."""
+        return self._connected().change_seqno
+
+    def wait_for_change(self, seqno: int, timeout: float, wake_fds: Sequence[int] = ()) -> bool:
+        """Block until the tables differ from `seqno`, the connection drops, one of
+        `wake_fds` is readable, or `timeout` seconds pass. True for a change or a drop."""
+        idl = self._connected()
+        deadline = time.monotonic() + timeout
+        while True:
+            idl.run()
+            if idl.change_seqno != seqno or not idl._session.is_connected():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            poller = ovs.poller.Poller()
+            idl.wait(poller)
+            for fd in wake_fds:
+                poller.fd_wait(fd, select.POLLIN)
+            poller.timer_wait(int(remaining * 1000) + 1)
+            poller.block()
+            if wake_fds and select.select(list(wake_fds), [], [], 0)[0]:
+                return False
 
     # --- writing --------------------------------------------------------------------
 

@@ -134,3 +134,22 @@ def vm_lock(settings: Settings, vmid: int) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def vm_busy(settings: Settings, vmid: int) -> bool:
+    """True while someone holds Proxmox's lock of VM `vmid` (a start, stop, migration or
+    `qm set` is under way). Only probes: a missing lock file is not created."""
+    try:
+        fd = os.open(settings.vm_lock(vmid), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise AgentError(f"cannot open the VM lock file {settings.vm_lock(vmid)}: {err.strerror}",
+                         "run the agent as root") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own lock at once
+    return False
