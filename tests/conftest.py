@@ -17,3 +17,6 @@ pytest_plugins.append("fixtures.pveroot")
 pytest_plugins += ["fixtures.qemu"]
 
 pytest_plugins.append("fixtures.ovs")
+
+# A real guest (Debian kernel + busybox initramfs) for the data-path tests.
+pytest_plugins.append("fixtures.guest")
