@@ -8,9 +8,9 @@ no error. Each test does what a Proxmox start does: the agent's OVS plan is appl
 busybox initramfs (fixtures/guest.py) that pings a peer behind the same OVS bridge.
 
 - access VLAN: a network namespace on the same VLAN answers the pings;
-- QinQ: the NIC is a dot1q-tunnel port (S-tag 950, 802.1q); the guest pings from its own
-  VLAN 10, the peer sits on a trunk port and sees (and answers) 950/10 double-tagged
-  frames through a raw socket (this host kernel has no VLAN devices);
+- QinQ: the NIC is a dot1q-tunnel port (S-tag 950, 802.1q or 802.1ad); the guest pings
+  from its own VLAN 10, the peer sits on a trunk port and sees (and answers) 950/10
+  double-tagged frames through a raw socket (this host kernel has no VLAN devices);
 - negative control: the same guest with `share=off` memory gets no replies.
 
 While the guest holds its link after the first reply, OVS must report the port
@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from fixtures.frames import FrameProbe, tags_of
+from fixtures.frames import TPID, FrameProbe, tags_of
 from fixtures.guest import (NO_REPLY, READY, RELEASED, REPLY, TEST_MACHINE_ONLY, Guest, boot,
                             kernel_command_line)
 from pve_vhost_agent.argsplan import plan_args
@@ -137,8 +137,9 @@ def test_a_guest_on_the_agents_vhost_user_port_pings_its_vlan(lab):
     report(guest, "access VLAN 20", guest.wait_poweroff(30))
 
 
-def test_qinq_a_guests_vlan_10_rides_s_tag_950_to_a_trunk(lab):
-    nic = VhostNic(7102, 0, BRIDGE, "02:68:33:07:02:00", vlan=VlanPolicy(qinq=QinQ(950, (), EtherType.DOT1Q)))
+@pytest.mark.parametrize("ethertype", [EtherType.DOT1Q, EtherType.DOT1AD], ids=lambda e: e.value)
+def test_qinq_a_guests_vlan_10_rides_s_tag_950_to_a_trunk(lab, ethertype):
+    nic = VhostNic(7102, 0, BRIDGE, "02:68:33:07:02:00", vlan=VlanPolicy(qinq=QinQ(950, (), ethertype)))
     guest_mac = bytes.fromhex(nic.mac.replace(":", ""))
     args = lab.agent_prepares(nic)
     probe = FrameProbe(lab.plug_peer(), "eth0")  # a trunk port: every VLAN, tags kept
@@ -158,9 +159,10 @@ def test_qinq_a_guests_vlan_10_rides_s_tag_950_to_a_trunk(lab):
                 lab.wait_connected()
                 answering = False  # the peer goes silent: the guest powers off
         assert guest.marker(REPLY), guest.console()
-        # Every frame of the guest left OVS with S-tag 950 (TPID 0x8100) around its C-tag 10.
-        assert seen_tags == {((0x8100, 950), (0x8100, 10))}, seen_tags
-        report(guest, "QinQ 950/10", guest.wait_poweroff(30))
+        # Every frame of the guest left OVS with S-tag 950 (the port's TPID) around its C-tag 10,
+        # and the answers, sent back with the same tags, reached the guest's VLAN 10.
+        assert seen_tags == {((TPID[ethertype.value], 950), (0x8100, 10))}, seen_tags
+        report(guest, f"QinQ 950/10 {ethertype.value}", guest.wait_poweroff(30))
     finally:
         probe.close()
 
