@@ -19,3 +19,6 @@ pytest_plugins += ["fixtures.qemu"]
 pytest_plugins.append("fixtures.ovs")
 pytest_plugins += ["fixtures.journald"]
 pytest_plugins.append("fixtures.debian_chroot")
+
+# A real guest (Debian kernel + busybox initramfs) for the data-path tests.
+pytest_plugins.append("fixtures.guest")
