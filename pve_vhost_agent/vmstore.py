@@ -136,20 +136,25 @@ def vm_lock(settings: Settings, vmid: int) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def vm_busy(settings: Settings, vmid: int) -> bool:
+def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks")) -> bool:
     """True while someone holds Proxmox's lock of VM `vmid` (a start, stop, migration or
-    `qm set` is under way). Only probes: a missing lock file is not created."""
+    `qm set` is under way). Read from /proc/locks: probing with flock would make a Proxmox
+    task that asks at the same moment print "trying to acquire lock" and wait."""
     try:
-        fd = os.open(settings.vm_lock(vmid), os.O_RDONLY | os.O_CLOEXEC)
+        lock = os.stat(settings.vm_lock(vmid))
     except FileNotFoundError:
         return False
-    except OSError as err:
-        raise AgentError(f"cannot open the VM lock file {settings.vm_lock(vmid)}: {err.strerror}",
-                         "run the agent as root") from err
+    wanted = (os.major(lock.st_dev), os.minor(lock.st_dev), lock.st_ino)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the probe's own lock at once
+        lines = proc_locks.read_text().splitlines()
+    except OSError as err:
+        raise AgentError(f"cannot read {proc_locks}: {err.strerror}", "is /proc mounted?") from err
+    for line in lines:
+        # `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`; `1: -> FLOCK ...` is a waiter.
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        major, minor, inode = fields[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+            return True
     return False

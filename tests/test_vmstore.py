@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pve_vhost_agent.errors import AgentTimeout, ClusterReadOnly, ConfigConflict, ExitCode, NotFound, SpecError
-from pve_vhost_agent.vmstore import find_vm, update_vm_config, vm_running
+from pve_vhost_agent.vmstore import find_vm, update_vm_config, vm_busy, vm_running
 
 from conftest import PEER, REPO
 
@@ -190,3 +190,25 @@ def test_bytes_that_are_not_utf8_survive_a_write(pve_root):
     assert path.read_bytes() == f"#caf\xe9 router\nargs: {ARGS}\nmemory: 512\nname: cafe\n".encode("latin-1")
     update_vm_config(pve_root.settings(), 100, lambda c: c.with_value("args", None))
     assert path.read_bytes() == raw
+
+
+def test_busy_means_someone_holds_the_vm_lock_and_the_probe_takes_none(pve_root):
+    settings = pve_root.settings()
+    lock = settings.vm_lock(100)
+    assert not vm_busy(settings, 100) and not lock.exists()  # probing creates no lock file
+    holder = hold_flock(lock)
+    try:
+        assert vm_busy(settings, 100)
+        assert not vm_busy(settings, 101)
+    finally:
+        stop(holder)
+    assert not vm_busy(settings, 100)
+    # The probe never holds the lock itself, not even for a moment: a flock taken right
+    # after each probe succeeds without waiting.
+    import fcntl
+    with open(lock, "a") as handle:
+        for _ in range(50):
+            assert not vm_busy(settings, 100)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert vm_busy(settings, 100)  # our own lock shows up too
+            fcntl.flock(handle, fcntl.LOCK_UN)
