@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from fixtures.mountns import private_mounts
 
 PREFIX = "h6sv"
 UNIT = REPO / "systemd" / "pve-vhost-agent.service"
@@ -49,10 +50,10 @@ def verify(unit: Path, bindir: Path) -> subprocess.CompletedProcess:
     # systemd-analyze writes under /run/systemd: a private mount namespace keeps that away
     # from the host; the overlay adds the (not installed) executable. Man pages come with
     # the package, so their check is off.
-    script = ('mount -t tmpfs tmpfs /run/systemd && mount -t overlay overlay -o "lowerdir=$1:/usr/bin" /usr/bin '
-              '&& exec systemd-analyze verify --man=no "$2"')
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-                           str(bindir), str(unit)], capture_output=True, text=True, timeout=60)
+    mounts = [["-t", "tmpfs", "tmpfs", "/run/systemd"],
+              ["-t", "overlay", "overlay", "-o", f"lowerdir={bindir}:/usr/bin", "/usr/bin"]]
+    return subprocess.run(private_mounts(mounts, ["systemd-analyze", "verify", "--man=no", str(unit)]),
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_systemd_analyze_finds_nothing_to_complain_about(workdir):
