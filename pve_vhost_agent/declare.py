@@ -122,6 +122,13 @@ def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.Qi
             f"VM {vmid} `{line}` has a VLAN tag or trunks, which Proxmox sets on the port at every start",
             f"remove tag= and trunks= from net{index} (`qm set {vmid} --net{index} ...`); the S-tag replaces them",
         )
+    if device.firewall:
+        # With the firewall on, a fwbr/fwln pair sits between tap and OVS bridge: the OVS
+        # port is Proxmox's fwln veth, not the tap, and Proxmox re-creates it at will.
+        raise ConfigConflict(
+            f"VM {vmid} `{line}` has firewall=1, so its OVS port is Proxmox's firewall veth, not tap{vmid}i{index}",
+            f"set firewall=0 on net{index} (`qm set {vmid} --net{index} ...,firewall=0`) for QinQ",
+        )
     return cluster.with_entry(spec.TapQinQ(vmid, index, qinq))
 
 

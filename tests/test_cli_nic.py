@@ -17,6 +17,7 @@ name: router
 net0: virtio=BC:24:11:AA:00:01,bridge=vmbr0
 net2: virtio=BC:24:11:AA:00:02,bridge=vmbr0,tag=10
 net3: virtio=BC:24:11:AA:00:03
+net7: virtio=BC:24:11:AA:00:07,bridge=vmbr0,firewall=1
 numa: 0
 ostype: l26
 
@@ -198,6 +199,8 @@ BAD = [
     ("qinq on a missing netN", ("qinq", "set", "100", "net5", "--qinq", "5"), ExitCode.NOT_FOUND, "no net5 in its config"),
     ("qinq on a NIC without bridge", ("qinq", "set", "100", "net3", "--qinq", "5"), ExitCode.CONFLICT, "has no bridge"),
     ("qinq on a tagged NIC", ("qinq", "set", "100", "net2", "--qinq", "5"), ExitCode.CONFLICT, "tag=10"),
+    ("qinq on a firewalled NIC", ("qinq", "set", "100", "net7", "--qinq", "5"), ExitCode.CONFLICT,
+     "has firewall=1, so its OVS port is Proxmox's firewall veth"),
     ("qinq on a vhost NIC", ("qinq", "set", "100", "net1", "--qinq", "5"), ExitCode.CONFLICT, "declared as a vhost-user NIC"),
     ("qinq S-tag 0", ("qinq", "set", "100", "net0", "--qinq", "0"), ExitCode.BAD_SPEC, "S-tag 0"),
     ("qinq on an unknown VM", ("qinq", "set", "999", "net0", "--qinq", "5"), ExitCode.NOT_FOUND, "VM 999 does not exist"),
@@ -251,7 +254,7 @@ def test_concurrent_adds_lose_no_update(cluster):
     # Each command re-reads the file under the cluster lock, so none overwrites another.
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(lambda n: cluster.cli("nic", "add", "200", f"net{n}", "--bridge", "br0"),
-                                [1, 5, 6, 7, 8, 9]))
+                                [1, 5, 6, 8, 9, 10]))
     assert [r.returncode for r in results] == [0] * 6, [r.stderr for r in results]
-    assert sorted(n.index for n in declared(cluster).nics) == [1, 5, 6, 7, 8, 9]
+    assert sorted(n.index for n in declared(cluster).nics) == [1, 5, 6, 8, 9, 10]
     assert not cluster.settings().cluster_lock_dir.exists()

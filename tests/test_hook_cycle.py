@@ -107,8 +107,11 @@ def chardev_connected(vm, chardev: str) -> bool:
 def test_full_cycle_leaves_nothing_behind_and_tells_the_story(harness):
     h = harness
     h.declare_and_enable()
+    config_before = h.node.vm_conf(h.vmid).read_text()
     vm = h.qm().start(h.vmid)
     task = vm.task.text
+    # The hook never writes its own VM's config (Proxmox holds its lock during pre-start).
+    assert h.node.vm_conf(h.vmid).read_text() == config_before
 
     # pre-start made the vhost-user port: QEMU (the socket server) got past its netdev.
     iface = h.ovs.get("Interface", h.vhost_port, "type", "options")
