@@ -47,10 +47,30 @@ def declared(root):
 def test_add_declares_the_nic_and_says_what_to_do_next(cluster):
     out = ok(cluster, "nic", "add", "100", "net1", "--bridge", "br-dpdk", "--tag", "10", "--queues", "2")
     assert out.splitlines()[0].startswith("VM 100 net1: declared: vhost-user on bridge br-dpdk")
-    assert "`pve-vhost-agent apply 100`" in out
+    assert "`pve-vhost-agent enable 100` sets the hookscript and writes the args line" in out
     nic = declared(cluster).entry(100, 1)
     assert (nic.bridge, nic.vlan.tag, nic.queues, nic.backend.value) == ("br-dpdk", 10, 2, "ovs")
-    assert cluster.vm_path(100).read_text() == VM  # only the spec changes
+    assert cluster.vm_path(100).read_text() == VM  # not enabled: only the spec changes
+
+
+ENABLED = "balloon: 0\nhookscript: local:snippets/pve-vhost-agent\nmemory: 1024\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n"
+
+
+def test_on_an_enabled_vm_the_args_follow_the_spec_at_once(cluster):
+    cluster.write_vm(300, ENABLED)
+    out = ok(cluster, "nic", "add", "300", "net1", "--bridge", "br0")
+    assert "VM 300: args written to the VM config (vhu-mem: planned but not in args; vhu-net1: planned" in out
+    assert "vhu-net1" in cluster.vm_path(300).read_text()
+    ok(cluster, "nic", "remove", "300", "net1")
+    assert cluster.vm_path(300).read_text() == ENABLED
+
+
+def test_on_an_enabled_vm_a_spec_it_could_not_start_with_is_not_written(cluster):
+    cluster.write_vm(300, ENABLED.replace("balloon: 0\n", ""))
+    before = cluster.snapshot()
+    result = cluster.cli("nic", "add", "300", "net1", "--bridge", "br0")
+    assert result.returncode == 8 and "balloon" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert cluster.snapshot() == before
 
 
 def test_default_mac_is_unique_locally_administered_and_stable(cluster):

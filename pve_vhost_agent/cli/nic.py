@@ -16,7 +16,11 @@ from pve_vhost_agent.errors import NotFound
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.specstore import SpecUpdate, load_spec, update_spec
 from pve_vhost_agent.vmlayout import net_devices
-from pve_vhost_agent.vmstore import find_vm
+from pve_vhost_agent.cli.vm import report_args
+from pve_vhost_agent.hookinstall import is_agent_hook
+from pve_vhost_agent.vmargs import apply_vm_args, sync_for, vm_args
+from pve_vhost_agent.vmconfig import MAIN
+from pve_vhost_agent.vmstore import VmLocation, find_vm
 
 _ETHERTYPES = click.Choice([e.value for e in spec.EtherType])
 _BACKENDS = click.Choice([b.value for b in spec.Backend])
@@ -64,12 +68,45 @@ def _change_spec(settings: Settings, change: Callable[[spec.ClusterSpec], spec.C
     return update_spec(settings, change)
 
 
+def _enabled(settings: Settings, vmid: int) -> VmLocation | None:
+    """The VM, when it lives here and has the agent's hookscript: its args follow its spec."""
+    try:
+        location = find_vm(settings, vmid)
+    except NotFound:
+        return None
+    hook = location.config.section(MAIN).get("hookscript")
+    return location if location.local and is_agent_hook(hook) else None
+
+
+def _checked(settings: Settings, location: VmLocation | None, after: spec.ClusterSpec, vmid: int) -> spec.ClusterSpec:
+    """`after`, once the args it implies can be planned for an enabled VM (else it raises:
+    a spec the VM could not start with is not written)."""
+    if location is not None:
+        sync_for(settings, after.for_vm(vmid), location.config, bool(location.running))
+    return after
+
+
 def _declare(settings: Settings, vmid: int, nic: str, rule: Callable, what: str, dry_run: bool) -> None:
     """Apply `rule(cluster, vmid, index, vm_config)` to the spec and report it."""
     index = spec.parse_nic_name(nic)
-    config = find_vm(settings, spec.check_vmid(vmid)).config
-    update = _change_spec(settings, lambda cluster: rule(cluster, vmid, index, config), dry_run)
+    location = find_vm(settings, spec.check_vmid(vmid))
+    enabled = _enabled(settings, vmid)
+    update = _change_spec(
+        settings, lambda cluster: _checked(settings, enabled, rule(cluster, vmid, index, location.config), vmid), dry_run)
     _report(settings, update, vmid, index, what, dry_run)
+    _follow(settings, vmid, enabled, update, dry_run)
+
+
+def _follow(settings: Settings, vmid: int, enabled: VmLocation | None, update: SpecUpdate, dry_run: bool) -> None:
+    """Bring an enabled VM's args in step at once; otherwise say how to enable it."""
+    if not update.changed:
+        return
+    if enabled is None:
+        if not dry_run:
+            click.echo(f"next: `pve-vhost-agent enable {vmid}` sets the hookscript and writes the args line")
+        return
+    result = vm_args(settings, vmid, update.after) if dry_run else apply_vm_args(settings, vmid, update.after)
+    report_args(result, dry_run)
 
 
 def _remove_command(rule: Callable, what: str, doc: str) -> click.Command:
@@ -82,8 +119,11 @@ def _remove_command(rule: Callable, what: str, doc: str) -> click.Command:
     @click.pass_obj
     def remove(settings: Settings, vmid: int, nic: str, dry_run: bool) -> None:
         index = spec.parse_nic_name(nic)
-        update = _change_spec(settings, lambda cluster: rule(cluster, vmid, index), dry_run)
+        enabled = _enabled(settings, spec.check_vmid(vmid))
+        update = _change_spec(settings, lambda cluster: _checked(settings, enabled, rule(cluster, vmid, index), vmid),
+                              dry_run)
         _report(settings, update, vmid, index, what, dry_run)
+        _follow(settings, vmid, enabled, update, dry_run)
 
     return remove
 
@@ -104,7 +144,6 @@ def _report(settings: Settings, update: SpecUpdate, vmid: int, index: int, what:
         click.echo(f"VM {vmid} net{index}: {what}: {describe(entry)}")
     else:
         click.echo(f"VM {vmid} net{index}: {what} from {settings.spec_file} (was: {describe(old)})")
-    click.echo(f"next: run `pve-vhost-agent apply {vmid}` to bring the VM's args line and ports in step")
 
 
 def describe(entry: spec.VhostNic | spec.TapQinQ) -> str:

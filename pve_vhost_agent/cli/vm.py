@@ -77,12 +77,12 @@ def apply(settings: Settings, vmid: int | None, all_vms: bool, dry_run: bool) ->
             click.echo(f"VM {one}: {err}", err=True)
             failed.append(err)
             continue
-        _report(result, dry_run)
+        report_args(result, dry_run)
     if failed:
         raise SystemExit(int(failed[0].exit_code) if len(failed) == 1 else int(ExitCode.FAILURE))
 
 
-def _report(result: VmArgs, dry_run: bool) -> None:
+def report_args(result: VmArgs, dry_run: bool) -> None:
     sync, vmid = result.sync, result.location.vmid
     if sync.in_sync:
         click.echo(f"VM {vmid}: args up to date")
