@@ -35,12 +35,17 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def stub_bin(folder: Path) -> Path:
+# Where the container sees the checkout: not under /tmp, which the container's own
+# systemd mounts a fresh tmpfs over (a checkout under /tmp would vanish from its view).
+CONTAINER_REPO = "/srv/pve-vhost-agent-src"
+
+
+def stub_bin(folder: Path, repo: str = str(REPO)) -> Path:
     """A folder with /usr/bin/pve-vhost-agent as the package installs it, running this checkout."""
     bindir = folder / "bin"
     bindir.mkdir()
     exe = bindir / "pve-vhost-agent"
-    exe.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+    exe.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, {repo!r})\n"
                    "from pve_vhost_agent.cli import run\nrun()\n")
     exe.chmod(0o755)
     return bindir
@@ -81,7 +86,8 @@ def test_the_unit_as_systemd_runs_it(workdir, fresh_ovs):
     nspawn = subprocess.Popen(
         ["systemd-nspawn", "-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "--private-network",
          f"--machine={machine}", f"--bind={pve}:/etc/pve", f"--bind={ovs.run_dir}:/srv/h6sv-ovs",
-         f"--overlay-ro=/usr/bin:{stub_bin(workdir)}:/usr/bin", f"--bind-ro={REPO}",
+         f"--overlay-ro=/usr/bin:{stub_bin(workdir, CONTAINER_REPO)}:/usr/bin",
+             f"--bind-ro={REPO}:{CONTAINER_REPO}",
          f"--bind-ro={UNIT}:/etc/systemd/system/pve-vhost-agent.service",
          f"--bind-ro={dropin}:/etc/systemd/system/pve-vhost-agent.service.d",
          # The host's openvswitch-switch unit would start a second OVS inside the container.
