@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import time
 from typing import Callable, Iterator
@@ -25,6 +26,8 @@ from pve_vhost_agent.specfile import format_spec, parse_spec
 
 # Proxmox retries the lock every 0.1 s at first, then every second.
 _FIRST_RETRY, _LAST_RETRY = 0.1, 1.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,10 @@ def cluster_lock(settings: Settings) -> Iterator[None]:
             lock.rmdir()
         except FileNotFoundError:
             pass  # pmxcfs expired it already
+        except OSError as err:
+            # Never hide the error that ended the locked block; pmxcfs expires the lock
+            # after 120 s anyway.
+            log.warning("could not release the cluster lock %s: %s", lock, err.strerror)
 
 
 def _request_unlock(lock) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pve_vhost_agent.errors import ConfigConflict, NotFound
+from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound
 from pve_vhost_agent.settings import Settings
 
 DEFAULT_LOCAL_PATH = "/var/lib/vz"
@@ -40,6 +40,8 @@ def storage_path(settings: Settings, storage: str) -> Path:
         paths = parse_storage_paths(cfg.read_text())
     except FileNotFoundError:
         paths = {}
+    except OSError as err:
+        raise AgentError(f"cannot read {cfg}: {err.strerror}", "check /etc/pve (is pve-cluster running?)") from err
     if storage not in paths:
         if storage == "local":
             return settings.host_path(DEFAULT_LOCAL_PATH)

@@ -51,11 +51,6 @@ class NetDevice:
     firewall: bool = False
 
 
-def tap_device(vmid: int, index: int) -> str:
-    """The tap device qemu-server gives `netN` of VM `vmid`."""
-    return f"tap{vmid}i{index}"
-
-
 def parse_net(index: int, value: str) -> NetDevice:
     props = parse_property_string(value)
     model, mac = "", ""

@@ -234,10 +234,19 @@ def test_a_snippets_folder_that_refuses_the_copy_does_not_fail_the_install(lifec
     assert list(lifecycle.path(SNIPPETS).iterdir()) == []
 
 
-def test_install_without_a_snippets_folder_copies_nothing(lifecycle, package_builds):
+def test_install_off_proxmox_copies_nothing(lifecycle, package_builds):
     reset(lifecycle, package_builds["base"].deb, snippets=False)
     assert lifecycle.path(SHIPPED).is_file()
     assert not lifecycle.path("/var/lib/vz").exists()
+
+
+def test_install_on_a_node_without_snippets_folder_makes_it(lifecycle, package_builds):
+    # A default Proxmox install has /var/lib/vz but no snippets/ until snippets content is
+    # enabled; every node needs the hookscript (migration targets run pre-start).
+    lifecycle.run("dpkg", "--purge", PACKAGE)
+    lifecycle.run("rm", "-rf", SNIPPETS)
+    lifecycle.install_debs(package_builds["base"].deb)
+    assert lifecycle.path(SNIPPET).read_bytes() == lifecycle.path(SHIPPED).read_bytes()
 
 
 def test_a_unit_in_systemd_folder_is_installed_and_enabled(lifecycle, package_builds):
