@@ -15,7 +15,7 @@ from typing import Mapping
 from pve_vhost_agent import qemuargs
 from pve_vhost_agent.errors import ConfigConflict, MemoryLayoutError, SpecError
 from pve_vhost_agent.spec import Backend, VhostNic, VmSpec
-from pve_vhost_agent.vmlayout import MemoryLayout, machine_type, memory_layout, net_devices
+from pve_vhost_agent.vmlayout import MemoryLayout, hotplug_items, machine_type, memory_layout, net_devices
 
 # QEMU 9.2 renamed the client socket's `reconnect` (seconds) to `reconnect-ms`.
 RECONNECT_MS_SINCE = (9, 2, 0)
@@ -92,7 +92,7 @@ def _check_nics(vmid: int, nics: tuple[VhostNic, ...], config: Mapping[str, str]
 def _plan_memory(vmid: int, layout: MemoryLayout, config: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Shared guest memory, or a refusal. Checked in this order; the first problem is reported."""
     if layout.memory_hotplug:
-        rest = [item for item in _hotplug_items(config) if item != "memory"]
+        rest = [item for item in hotplug_items(config) if item != "memory"]
         raise MemoryLayoutError(
             f"VM {vmid} has memory hotplug on; hot-plugged DIMMs are not shared with a vhost-user backend",
             f"turn it off: qm set {vmid} --hotplug {','.join(rest) or '0'}",
@@ -128,13 +128,6 @@ def _plan_memory(vmid: int, layout: MemoryLayout, config: Mapping[str, str]) -> 
         f"memory: memfd backend of {mib} MiB shared with the vhost-user backend, because numa is off "
         "(Proxmox would give the guest unshared RAM)",
     )
-
-
-def _hotplug_items(config: Mapping[str, str]) -> list[str]:
-    value = config.get("hotplug", "").strip()
-    if value == "1":
-        return ["network", "disk", "usb"]
-    return [item.strip() for item in value.split(",") if item.strip() and value != "0"]
 
 
 def _safe(value: str, what: str) -> str:

@@ -90,6 +90,16 @@ def _flag(config: Mapping[str, str], key: str, default: bool) -> bool:
     return value.strip() not in ("0", "no", "off", "false")
 
 
+def hotplug_items(config: Mapping[str, str]) -> list[str]:
+    """`hotplug:` as qemu-server reads it: `1` is network,disk,usb (the default), `0` none."""
+    value = config.get("hotplug", "").strip()
+    if value == "1":
+        return ["network", "disk", "usb"]
+    if value == "0":
+        return []
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryLayout:
     """How qemu-server will lay out guest memory for this config."""
@@ -119,8 +129,6 @@ def memory_layout(config: Mapping[str, str]) -> MemoryLayout:
                 "fix it with `qm set <vmid> --memory <MiB>`",
             )
         mib = int(current)
-    hotplug = config.get("hotplug", "")
-    hotplug_items = {"network", "disk", "usb"} if hotplug.strip() == "1" else set(hotplug.split(","))
     # Proxmox adds the balloon device unless `balloon: 0`.
     balloon_value = config.get("balloon")
     balloon = balloon_value is None or balloon_value.strip() != "0"
@@ -129,7 +137,7 @@ def memory_layout(config: Mapping[str, str]) -> MemoryLayout:
         memory_mib=mib,
         numa=_flag(config, "numa", False),
         hugepages=hugepages.strip() if hugepages else None,
-        memory_hotplug="memory" in {i.strip() for i in hotplug_items},
+        memory_hotplug="memory" in hotplug_items(config),
         balloon=balloon,
         # qemu-server counts a virtiofsN only when its value is true to Perl (not "" or "0").
         virtiofs=any(_VIRTIOFS_KEY.match(k) and v.strip() not in ("", "0") for k, v in config.items()),

@@ -76,3 +76,11 @@ def test_machine_family():
     assert machine_type({"machine": "pc-i440fx-5.0"}) == "pc"
     assert machine_type({}) == "pc"
     assert parse_property_string("4096", "current") == {"current": "4096"}
+
+
+@pytest.mark.parametrize("value, items", [
+    (None, []), ("1", ["network", "disk", "usb"]), ("0", []), ("disk, memory", ["disk", "memory"]), ("", []),
+])
+def test_hotplug_items_as_qemu_server_reads_them(value, items):
+    from pve_vhost_agent.vmlayout import hotplug_items
+    assert hotplug_items({} if value is None else {"hotplug": value}) == items
