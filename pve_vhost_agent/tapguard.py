@@ -12,6 +12,7 @@ import logging
 from typing import Mapping
 
 from pve_vhost_agent import tapcheck
+from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.hostinfo import read_links
 from pve_vhost_agent.ovsdb import Ovsdb
 from pve_vhost_agent.ovsstate import OvsState
@@ -35,6 +36,11 @@ def warn_tap_links(vm: VmSpec, state: OvsState, log: logging.LoggerAdapter) -> N
     """Log a warning for each tap link or uplink that would lose QinQ frames."""
     if not vm.tap_qinq:
         return
-    for warning in tapcheck.link_warnings(vm, state, read_links()):
+    try:
+        links = read_links()
+    except AgentError as err:  # a check that cannot run is a warning, not a failed post-start
+        log.warning("VM %s: tap links not checked: %s", vm.vmid, err, extra={"action": "CheckTapLinks", "result": "failed"})
+        return
+    for warning in tapcheck.link_warnings(vm, state, links):
         log.warning("%s", warning.text, extra={"nic": warning.nic, "port": warning.port,
                                                "action": "CheckTapLinks", "result": "warning"})

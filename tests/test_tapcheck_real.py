@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from pve_vhost_agent.errors import ExitCode
+from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.hostinfo import read_links
 from pve_vhost_agent.ovsdb import Ovsdb
 from pve_vhost_agent.spec import QinQ, TapQinQ, VmSpec
@@ -91,3 +91,9 @@ def test_pre_start_refuses_tap_qinq_when_vlan_limit_1_already_shaped_the_datapat
     assert "systemctl restart openvswitch-switch" in lines[-1]
     # Nothing changed in OVS: raising the limit at runtime would break the running datapath.
     assert "vlan-limit" not in ovs.get("Open_vSwitch", ".", "other_config")["other_config"]
+
+
+def test_reading_links_of_a_missing_namespace_is_one_error_and_creates_nothing():
+    with pytest.raises(AgentError, match="cannot read the network links through netlink"):
+        read_links("h12qs-missing")
+    assert not os.path.exists("/run/netns/h12qs-missing")
