@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pve_vhost_agent import spec
+from pve_vhost_agent import spec, tapcheck
 from pve_vhost_agent.errors import ConfigConflict, NotFound, SpecError
 from pve_vhost_agent.vmconfig import MAIN, VmConfig
 from pve_vhost_agent.vmlayout import NetDevice, net_devices
@@ -102,7 +102,8 @@ def remove_nic(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.Cluster
 
 def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.QinQ,
                  config: VmConfig) -> spec.ClusterSpec:
-    """QinQ for Proxmox's own tap NIC `netN`; it must exist (at the next start) on a bridge."""
+    """QinQ for Proxmox's own tap NIC `netN`: it must exist (at the next start) on a bridge,
+    carry tag=<S-tag> and no trunks, with the firewall off (see tapcheck)."""
     entry = cluster.entry(vmid, index)
     if isinstance(entry, spec.VhostNic):
         raise ConfigConflict(f"VM {vmid} net{index} is declared as a vhost-user NIC",
@@ -112,23 +113,9 @@ def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.Qi
     if device is None:
         raise NotFound(f"VM {vmid} has no net{index} in its config",
                        f"QinQ applies to Proxmox's own NICs; add one with "
-                       f"`qm set {vmid} --net{index} virtio,bridge=<OVS bridge>` first")
-    line = f"net{index}: {effective[f'net{index}']}"
-    if not device.bridge:
-        raise ConfigConflict(f"VM {vmid} `{line}` has no bridge",
-                             f"attach it to an OVS bridge with `qm set {vmid} --net{index} ...,bridge=<bridge>`")
-    if device.tag is not None or device.trunks:
-        raise ConfigConflict(
-            f"VM {vmid} `{line}` has a VLAN tag or trunks, which Proxmox sets on the port at every start",
-            f"remove tag= and trunks= from net{index} (`qm set {vmid} --net{index} ...`); the S-tag replaces them",
-        )
-    if device.firewall:
-        # With the firewall on, a fwbr/fwln pair sits between tap and OVS bridge: the OVS
-        # port is Proxmox's fwln veth, not the tap, and Proxmox re-creates it at will.
-        raise ConfigConflict(
-            f"VM {vmid} `{line}` has firewall=1, so its OVS port is Proxmox's firewall veth, not tap{vmid}i{index}",
-            f"set firewall=0 on net{index} (`qm set {vmid} --net{index} ...,firewall=0`) for QinQ",
-        )
+                       f"`qm set {vmid} --net{index} virtio,bridge=<OVS bridge>,tag={qinq.stag}` first")
+    # The NIC must carry tag=<S-tag>: what pve-bridge plugs before post-start fails closed.
+    tapcheck.check_nic(vmid, index, effective[f"net{index}"], qinq.stag)
     return cluster.with_entry(spec.TapQinQ(vmid, index, qinq))
 
 

@@ -23,7 +23,7 @@ import os
 import subprocess
 from typing import Callable, Mapping
 
-from pve_vhost_agent import ovsplan, pvefs, storagecfg
+from pve_vhost_agent import ovsplan, pvefs, storagecfg, tapguard
 from pve_vhost_agent.capacity import capacity_problems, shared_memory_need
 from pve_vhost_agent.errors import CapacityError, NotFound, StaleArgs, UsageError
 from pve_vhost_agent.hostinfo import read_host_memory
@@ -105,6 +105,7 @@ def _pre_start(ctx: HookContext) -> None:
                 f"VM {vm.vmid}: the args line does not match its spec ({'; '.join(sync.changes)})",
                 f"run `pve-vhost-agent apply {vm.vmid}`, then start the VM again",
             )
+    tapguard.check_taps_before_start(settings, vm, config.effective(), ctx.log)
     if vm.nics:
         with timed_action(ctx.log, "CheckMemory", f"VM {vm.vmid}: check room for shared memory"):
             need = shared_memory_need(memory_layout(config.effective()))
@@ -127,6 +128,7 @@ def _post_start(ctx: HookContext) -> None:
         if vm.tap_qinq:
             _apply(ctx, db, lambda state: ovsplan.plan_tap_qinq(vm, state))
         state = db.snapshot()
+        tapguard.warn_tap_links(vm, state, ctx.log)
         for nic in vm.nics:
             port = state.port(nic.port_name)
             iface = port.interface if port else None

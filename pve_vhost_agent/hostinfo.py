@@ -69,8 +69,13 @@ class Link:
 def read_links(netns: str | None = None) -> dict[str, Link]:
     """Every link of the host (or of a named network namespace), by name."""
     from pyroute2 import IPRoute, NetNS  # imported here: only host checks need netlink
+    from pyroute2.netlink.exceptions import NetlinkError
 
-    ipr = NetNS(netns) if netns else IPRoute()
+    try:
+        ipr = NetNS(netns, flags=0) if netns else IPRoute()  # flags=0: never create it
+    except (OSError, NetlinkError) as err:
+        raise AgentError(f"cannot read the network links through netlink: {err}",
+                         "run as root on the host (or in the named network namespace)") from err
     try:
         links = {}
         for msg in ipr.get_links():

@@ -14,15 +14,17 @@ boot: order=scsi0
 cores: 2
 memory: 2048
 name: router
-net0: virtio=BC:24:11:AA:00:01,bridge=vmbr0
+net0: virtio=BC:24:11:AA:00:01,bridge=vmbr0,tag=200
 net2: virtio=BC:24:11:AA:00:02,bridge=vmbr0,tag=10
 net3: virtio=BC:24:11:AA:00:03
 net7: virtio=BC:24:11:AA:00:07,bridge=vmbr0,firewall=1
+net11: virtio=BC:24:11:AA:00:0B,bridge=vmbr0
+net12: virtio=BC:24:11:AA:00:0C,bridge=vmbr0,tag=5,trunks=10;20
 numa: 0
 ostype: l26
 
 [PENDING]
-net4: virtio=BC:24:11:AA:00:04,bridge=vmbr1
+net4: virtio=BC:24:11:AA:00:04,bridge=vmbr1,tag=201
 """
 
 
@@ -137,7 +139,7 @@ def test_qinq_on_proxmox_tap_nics_uses_the_effective_config(cluster):
     ok(cluster, "qinq", "set", "100", "net4", "--qinq", "201", "--ethertype", "802.1q")  # pending NIC
     taps = declared(cluster).tap_qinq
     assert [(t.index, t.qinq.stag, t.qinq.ethertype.value) for t in taps] == [(0, 200, "802.1ad"), (4, 201, "802.1q")]
-    ok(cluster, "qinq", "set", "100", "net0", "--qinq", "210", "--cvlans", "5-6")
+    ok(cluster, "qinq", "set", "100", "net0", "--qinq", "200", "--cvlans", "5-6")
     assert declared(cluster).entry(100, 0).qinq.cvlans == (5, 6)
     ok(cluster, "qinq", "remove", "100", "net0")
     assert declared(cluster).entry(100, 0) is None
@@ -149,14 +151,14 @@ def test_list_shows_both_kinds_and_json_has_every_field(cluster):
     ok(cluster, "nic", "add", "100", "net1", "--bridge", "br-dpdk", "--mac", "02:00:00:00:00:01", "--tag", "10")
     ok(cluster, "nic", "add", "200", "net6", "--bridge", "br1", "--mac", "02:00:00:00:00:06", "--backend", "external",
        "--trunks", "1-3", "--rx-queue-size", "512", "--mtu", "9000")
-    ok(cluster, "qinq", "set", "100", "net0", "--qinq", "300", "--cvlans", "10,11")
+    ok(cluster, "qinq", "set", "100", "net0", "--qinq", "200", "--cvlans", "10,11")
     lines = ok(cluster, "nic", "list").splitlines()
     assert [line.split(":")[0] for line in lines] == ["100 net0", "100 net1", "200 net6"]
     assert "QinQ on tap100i0" in lines[0]
     rows = json.loads(ok(cluster, "nic", "list", "--json"))
     assert rows[0] == {
         "vmid": 100, "nic": "net0", "kind": "qinq", "backend": None, "bridge": "vmbr0", "mac": "BC:24:11:AA:00:01",
-        "vlan_mode": "dot1q-tunnel", "tag": None, "trunks": [], "qinq": 300, "cvlans": [10, 11],
+        "vlan_mode": "dot1q-tunnel", "tag": None, "trunks": [], "qinq": 200, "cvlans": [10, 11],
         "ethertype": "802.1ad", "queues": None, "rx_queue_size": None, "tx_queue_size": None, "mtu": None,
         "port": "tap100i0", "socket": None,
     }
@@ -178,7 +180,7 @@ BAD = [
     ("unknown VM", ("nic", "add", "999", "net1", "--bridge", "br0"), ExitCode.NOT_FOUND, "VM 999 does not exist"),
     ("VM id 0", ("nic", "add", "0", "net1", "--bridge", "br0"), ExitCode.BAD_SPEC, "VM id 0"),
     ("netN in the config", ADD + ("net0", "--bridge", "br0"), ExitCode.CONFLICT,
-     "`net0: virtio=BC:24:11:AA:00:01,bridge=vmbr0` in its config; pick a free netN"),
+     "`net0: virtio=BC:24:11:AA:00:01,bridge=vmbr0,tag=200` in its config; pick a free netN"),
     ("netN pending in the config", ADD + ("net4", "--bridge", "br0"), ExitCode.CONFLICT, "`net4: virtio="),
     ("netN already declared", ADD + ("net1", "--bridge", "br0"), ExitCode.CONFLICT, "already declared"),
     ("bad NIC name", ADD + ("eth1", "--bridge", "br0"), ExitCode.BAD_SPEC, "'eth1' is not a NIC name"),
@@ -218,9 +220,17 @@ BAD = [
     ("remove an undeclared NIC", ("nic", "remove", "100", "net5"), ExitCode.NOT_FOUND, "no vhost-user NIC net5"),
     ("qinq on a missing netN", ("qinq", "set", "100", "net5", "--qinq", "5"), ExitCode.NOT_FOUND, "no net5 in its config"),
     ("qinq on a NIC without bridge", ("qinq", "set", "100", "net3", "--qinq", "5"), ExitCode.CONFLICT, "has no bridge"),
-    ("qinq on a tagged NIC", ("qinq", "set", "100", "net2", "--qinq", "5"), ExitCode.CONFLICT, "tag=10"),
+    ("qinq on a NIC with another tag", ("qinq", "set", "100", "net2", "--qinq", "5"), ExitCode.CONFLICT,
+     "`net2: virtio=BC:24:11:AA:00:02,bridge=vmbr0,tag=10` needs tag=5 (the S-tag)"),
+    # Untagged, pve-bridge would plug a trunk of every VLAN until post-start: refused, with the fix.
+    ("qinq on an untagged NIC", ("qinq", "set", "100", "net11", "--qinq", "5"), ExitCode.CONFLICT,
+     "untagged it would carry every VLAN; run `qm set 100 --net11 virtio=BC:24:11:AA:00:0B,bridge=vmbr0,tag=5`\n"),
+    ("qinq on a NIC with trunks", ("qinq", "set", "100", "net12", "--qinq", "5"), ExitCode.CONFLICT,
+     "`qm set 100 --net12 virtio=BC:24:11:AA:00:0C,bridge=vmbr0,tag=5`\n"),
     ("qinq on a firewalled NIC", ("qinq", "set", "100", "net7", "--qinq", "5"), ExitCode.CONFLICT,
      "has firewall=1, so its OVS port is Proxmox's firewall veth"),
+    ("qinq on a firewalled NIC, the fix", ("qinq", "set", "100", "net7", "--qinq", "5"), ExitCode.CONFLICT,
+     "`qm set 100 --net7 virtio=BC:24:11:AA:00:07,bridge=vmbr0,tag=5`\n"),
     ("qinq on a vhost NIC", ("qinq", "set", "100", "net1", "--qinq", "5"), ExitCode.CONFLICT, "declared as a vhost-user NIC"),
     ("qinq S-tag 0", ("qinq", "set", "100", "net0", "--qinq", "0"), ExitCode.BAD_SPEC, "S-tag 0"),
     ("qinq on an unknown VM", ("qinq", "set", "999", "net0", "--qinq", "5"), ExitCode.NOT_FOUND, "VM 999 does not exist"),

@@ -47,7 +47,7 @@ class Harness:
     def write_vm(self, memory: int = 128) -> None:
         self.cluster.write_vm_config("nodeA", self.vmid, (
             f"balloon: 0\nmemory: {memory}\nname: router\n"
-            f"net0: virtio=BC:24:11:00:00:01,bridge={self.tap_bridge}\n"))
+            f"net0: virtio=BC:24:11:00:00:01,bridge={self.tap_bridge},tag=950\n"))
 
     def declare_and_enable(self) -> None:
         self.write_vm()
@@ -230,3 +230,48 @@ def test_a_failing_chained_hookscript_aborts_the_start_and_undoes_pre_start(harn
     assert "hookscript back to local:snippets/old-hook.sh" in disabled.stdout
     text = path.read_text()
     assert "hookscript: local:snippets/old-hook.sh" in text and "vhu-" not in text
+
+
+
+# --- QinQ on the tap must hold, or the VM does not start -----------------------------------
+
+CANNOT_HOLD = [
+    ("firewall on after qinq set", ",tag=950", ",tag=950,firewall=1", "has firewall=1"),
+    ("tag changed after qinq set", ",tag=950", ",tag=20", "needs tag=950 (the S-tag) and no trunks"),
+    ("bridge not in OVS", "bridge=hct", "bridge=hcgone", "Open vSwitch has no bridge hcgone"),
+]
+
+
+@pytest.mark.parametrize("old, new, words", [r[1:] for r in CANNOT_HOLD], ids=[r[0] for r in CANNOT_HOLD])
+def test_a_tap_qinq_that_cannot_hold_aborts_the_start_before_ovs_is_touched(harness, old, new, words):
+    h = harness
+    h.declare_and_enable()
+    path = h.node.vm_conf(h.vmid)
+    path.write_text(path.read_text().replace(old, new, 1))
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(h.vmid)
+    errors = [line for line in caught.value.task.lines if line.startswith("ERROR: ")]
+    assert len(errors) == 1 and "start aborted" in errors[0] and words in errors[0], caught.value.task.text
+    assert h.owned_ports() == [] and h.ovs.find("Port", f"name={h.tap}") == []
+
+
+def test_post_start_warns_about_an_uplink_too_small_for_the_s_tag(harness):
+    h = harness
+    uplink = f"h12qs{h.tap_bridge[3:]}"
+    h.ovs.ip("link", "add", uplink, "mtu", "1500", "type", "veth", "peer", "name", f"{uplink}p")
+    try:
+        h.ovs.ip("link", "set", uplink, "up")
+        h.ovs.vsctl("add-port", h.tap_bridge, uplink)
+        h.declare_and_enable()
+        vm = h.qm().start(h.vmid)
+        warned = [line for line in vm.task.lines if f"uplink {uplink} " in line]
+        assert len(warned) == 1 and warned[0].startswith("WARN: "), vm.task.text
+        assert f"has MTU 1500, but QinQ frames from {h.tap} (MTU 1500) need 1504" in warned[0]
+        assert f"set `mtu 1504` on {uplink} in /etc/network/interfaces" in warned[0]
+        # Only a warning: the VM runs and its tap is QinQ.
+        assert h.ovs.get("Port", h.tap, "vlan_mode")["vlan_mode"] == "dot1q-tunnel"
+        entry = h.journald.entries("SYSLOG_IDENTIFIER=pve-vhost-agent", f"VMID={h.vmid}", "ACTION=CheckTapLinks",
+                                   count=1, timeout=10)[0]
+        assert (entry["PHASE"], entry["NIC"], entry["PORT"], entry["RESULT"]) == ("post-start", "net0", h.tap, "warning")
+    finally:
+        subprocess.run(["ip", "-n", h.ovs.netns, "link", "del", uplink], capture_output=True)

@@ -4,6 +4,8 @@ Two network namespaces on veth pairs into a netdev bridge of a private ovs-vswit
 `tap901i0` stands in for Proxmox's tap of VM 901 net0 (plugged first, as pve-bridge does,
 with tag=20), `h3trunk` is a trunk carrying every VLAN. The agent plans and applies
 dot1q-tunnel on the tap (S-tag 950), and restores Proxmox's settings at "post-stop".
+The last tests re-plug the tap with the stand-in's pve-bridge, as Proxmox does at every
+start and re-plug, and look at what the guest reaches before the agent's post-start.
 
 A frame that must be dropped is followed by a marker frame on the same path that must
 arrive; the dropped one must not have arrived before the marker. No fixed sleeps.
@@ -11,10 +13,16 @@ arrive; the dropped one must not have arrived before the marker. No fixed sleeps
 
 import dataclasses
 import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from fixtures.frames import TPID, FrameProbe, frame, mac, tags_of
+from pvestandin import Cluster
 from pve_vhost_agent.ovsactions import RestoreTapVlan
 from pve_vhost_agent.ovsdb import Ovsdb
 from pve_vhost_agent.ovsplan import plan_tap_qinq, plan_vm_removal
@@ -157,3 +165,59 @@ def test_the_agent_reads_the_taps_link_state_and_ofport(lan):
     iface = lan.db.snapshot().port(TAP).interface
     assert (iface.link_state, iface.admin_state, iface.error) == ("up", "up", "")
     assert iface.ofport and iface.ofport > 0
+
+
+# --- fail closed: what the guest reaches before (or without) the agent's post-start ---------
+
+
+def plug_with_pve_bridge(ovs, net0: str) -> None:
+    """Proxmox's plug of VM 901's net0, by the stand-in's pve-bridge in vswitchd's namespace."""
+    base = Path(tempfile.mkdtemp(prefix="h12qs-pve-", dir="/tmp"))
+    try:
+        cluster = Cluster(base / "cluster", base)
+        node = cluster.add_node("nodeA", netns=ovs.netns, ovsdb=ovs.remote)
+        cluster.write_vm_config("nodeA", 901, f"memory: 128\nnet0: {net0}\n")
+        script = node.path("/usr/libexec/qemu-server/pve-bridge")
+        env = {k: v for k, v in os.environ.items() if k != "PVE_MIGRATED_FROM"}
+        result = subprocess.run(["ip", "netns", "exec", ovs.netns, str(script), TAP], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_without_post_start_a_tap_tagged_with_the_s_tag_fails_closed(lan):
+    """`qinq set` makes the NIC carry tag=<S-tag>: when post-start fails (or right after
+    Proxmox re-plugs the tap), the guest is on the S-VLAN only, never a trunk of every VLAN."""
+    try:
+        plug_with_pve_bridge(lan.ovs, f"virtio=02:68:33:00:09:01,bridge={BRIDGE},tag=950")
+        lan.ovs.appctl("revalidator/wait")
+        assert lan.ovs.get("Port", TAP, "tag", "vlan_mode", "trunks", "external_ids") == {
+            "tag": 950, "vlan_mode": [], "trunks": [], "external_ids": {}}
+        # No post-start yet: untagged guest frames join S-VLAN 950 (a single 802.1Q tag) ...
+        assert passes(lan.vm, lan.trunk) == [(C_TAG, 950)]
+        # ... and the guest's own VLANs go nowhere: no VLAN hopping on the provider bridge.
+        assert dropped(lan.vm, lan.trunk, [(C_TAG, 10)], [])
+        assert dropped(lan.vm, lan.trunk, [(C_TAG, 951)], [])
+        assert dropped(lan.vm, lan.trunk, [(TPID["802.1ad"], 951), (C_TAG, 10)], [])
+        assert dropped(lan.trunk, lan.vm, [(C_TAG, 10)], [(C_TAG, 950)])
+        # The agent's post-start: the same guest frames now leave the trunk double-tagged.
+        lan.tunnel(QinQ(950))
+        s_tag = TPID["802.1ad"]
+        assert passes(lan.vm, lan.trunk, (C_TAG, 10)) == [(s_tag, 950), (C_TAG, 10)]
+        assert passes(lan.vm, lan.trunk) == [(s_tag, 950)]
+    finally:
+        lan.ovs.vsctl("--", "--if-exists", "del-port", TAP, "--", "add-port", BRIDGE, TAP, "tag=20")
+        lan.ovs.appctl("revalidator/wait")
+
+
+def test_without_post_start_an_untagged_tap_would_be_a_trunk_of_every_vlan(lan):
+    """Why `qinq set` refuses an untagged NIC: pve-bridge would plug it as a trunk."""
+    try:
+        plug_with_pve_bridge(lan.ovs, f"virtio=02:68:33:00:09:01,bridge={BRIDGE}")
+        lan.ovs.appctl("revalidator/wait")
+        assert passes(lan.vm, lan.trunk, (C_TAG, 10)) == [(C_TAG, 10)]
+        assert passes(lan.vm, lan.trunk, (C_TAG, 4000)) == [(C_TAG, 4000)]
+    finally:
+        lan.ovs.vsctl("--", "--if-exists", "del-port", TAP, "--", "add-port", BRIDGE, TAP, "tag=20")
+        lan.ovs.appctl("revalidator/wait")

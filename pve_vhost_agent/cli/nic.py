@@ -271,7 +271,11 @@ def qinq_group() -> None:
 @click.pass_obj
 def qinq_set(settings: Settings, vmid: int, nic: str, stag: int, cvlans: str | None, ethertype: str | None,
              dry_run: bool) -> None:
-    """Declare QinQ for netN, a NIC in the VM config on an OVS bridge."""
+    """Declare QinQ for netN, a NIC in the VM config on an OVS bridge with tag=STAG.
+
+    The tag makes Proxmox plug the tap as an access port of the S-VLAN until post-start
+    turns it into a QinQ port: never a trunk of every VLAN.
+    """
     qinq = declare.qinq_policy(stag, cvlans, ethertype)
     _declare(settings, vmid, nic, lambda c, v, i, config: declare.set_tap_qinq(c, v, i, qinq, config), "declared", dry_run)
 
