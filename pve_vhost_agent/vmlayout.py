@@ -72,6 +72,11 @@ def parse_net(index: int, value: str) -> NetDevice:
     )
 
 
+def tap_device(vmid: int, index: int) -> str:
+    """The tap device qemu-server gives `netN` of VM `vmid`."""
+    return f"tap{vmid}i{index}"
+
+
 def net_devices(config: Mapping[str, str]) -> dict[int, NetDevice]:
     """Every `netN` of the config, by N."""
     nets = {}
