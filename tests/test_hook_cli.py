@@ -114,3 +114,27 @@ def test_enable_disable_and_install_hook_dry_runs_write_nothing(pve_root):
     result = pve_root.cli("disable", "100", "--dry-run")
     assert "would write hookscript: local:snippets/old.pl and args: (none)" in result.stdout
     assert pve_root.snapshot() == enabled
+
+
+def test_a_socket_folder_that_cannot_be_made_aborts_pre_start_in_one_line(pve_root):
+    pve_root.write_vm(100, VM)
+    pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
+    assert pve_root.cli("enable", "100").returncode == 0
+    (pve_root.root / "run").mkdir(exist_ok=True)
+    (pve_root.root / "run/pve-vhost-agent").write_text("not a folder\n")
+    result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
+    assert result.returncode == 1 and b"Traceback" not in result.stdout + result.stderr
+    assert b"cannot create the socket folder" in result.stdout and b"Not a directory" in result.stdout
+
+
+def test_a_chained_hookscript_without_a_shebang_is_one_line_not_a_traceback(pve_root):
+    snippet = pve_root.root / "var/lib/vz/snippets/old.sh"
+    snippet.parent.mkdir(parents=True, exist_ok=True)
+    snippet.write_text("echo no shebang\n")
+    snippet.chmod(0o755)
+    pve_root.write_vm(100, VM + "hookscript: local:snippets/old.sh\n")
+    assert pve_root.cli("enable", "100").returncode == 0
+    result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
+    assert result.returncode == 1 and b"Traceback" not in result.stderr
+    assert b"chained hookscript local:snippets/old.sh" in result.stderr and b"Exec format error" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
