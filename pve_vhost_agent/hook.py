@@ -14,9 +14,11 @@ makes it so, or refuses; the other phases do their part and only warn.
 - pre-stop: nothing destructive (it does not run when the guest powers off or crashes).
 - post-stop: the VM's own OVS ports and sockets go, taps get Proxmox's settings back.
 
-A VM "uses the agent" when it has a spec, a chained hook, the agent's hookscript or
-agent-owned args (a clone or restore copies `args:` and `hookscript:` but not the spec):
-every phase then reads its config and runs, so such a VM is never silently passed.
+A VM "uses the agent" when it has a spec or agent-owned args (a clone or restore copies
+`args:` and `hookscript:` but not the spec): every phase then reads its config and runs,
+so such a VM is never silently passed. A VM with only the agent's hookscript (no spec,
+no args) has nothing to check, and stays silent; its post-stop still removes what Open
+vSwitch or the socket folder holds for it (say, its spec went while it ran).
 
 The same planners serve the service; this module only decides what to observe and when.
 """
@@ -90,14 +92,28 @@ def read_config(settings: Settings, call: HookCall) -> VmConfig | None:
 
 
 def uses_agent(vm: VmSpec, config: VmConfig | None) -> bool:
-    """Does the agent have a say in this VM (see the module's note)?"""
-    if vm or vm.chained_hook is not None:
+    """Does the agent have work for this VM (see the module's note)? A chained hook alone is none."""
+    if vm:
         return True
     if config is None:
         return False
     main = config.section(MAIN)
-    return is_agent_hook(main.get("hookscript")) or any(
-        _has_agent_args(values.get("args", "")) for values in (main, config.effective()))
+    return any(_has_agent_args(values.get("args", "")) for values in (main, config.effective()))
+
+
+def has_leftovers(settings: Settings, call: HookCall, config: VmConfig | None) -> bool:
+    """At post-stop of a VM with the agent's hookscript but no spec or args: does Open
+    vSwitch or the socket folder still hold something of the agent's for it? Silent:
+    an unreachable OVS says no (the service cleans up later)."""
+    if call.phase != "post-stop" or config is None or not is_agent_hook(config.section(MAIN).get("hookscript")):
+        return False
+    if _stale_sockets(settings, call.vmid):
+        return True
+    try:
+        with Ovsdb.from_settings(settings) as db:
+            return bool(db.snapshot().owned_ports(call.vmid))
+    except AgentError:
+        return False
 
 
 def _has_agent_args(line: str) -> bool:
@@ -202,11 +218,7 @@ def _post_stop(ctx: HookContext) -> None:
         _apply(ctx, db, lambda state: ovsplan.plan_vm_removal(vmid, state))
     # QEMU (the server of `ovs` sockets) is gone; a socket file it left is stale. The
     # `external` folder belongs to the external switch: never touched.
-    folder = settings.socket_dir(Backend.OVS.value)
-    for sock in sorted(folder.glob(f"vm-{vmid}-*.sock")):
-        match = _OVS_SOCKET.match(sock.name)
-        if not match or int(match.group(1)) != vmid or not sock.is_socket():
-            continue
+    for sock in _stale_sockets(settings, vmid):
         try:
             sock.unlink()
         except FileNotFoundError:
@@ -235,6 +247,13 @@ def _config_at_start(ctx: HookContext) -> VmConfig:
         raise NotFound(f"VM {ctx.vm.vmid} has a spec but no config at {path}",
                        f"remove the stale spec (pve-vhost-agent nic list {ctx.vm.vmid}) or restore the VM")
     return ctx.config
+
+
+def _stale_sockets(settings: Settings, vmid: int) -> list:
+    """The VM's `ovs` socket files (QEMU, their server, must be gone when this is asked)."""
+    folder = settings.socket_dir(Backend.OVS.value)
+    return [sock for sock in sorted(folder.glob(f"vm-{vmid}-*.sock"))
+            if (match := _OVS_SOCKET.match(sock.name)) and int(match.group(1)) == vmid and sock.is_socket()]
 
 
 def _make_folder(settings: Settings, backend: Backend) -> None:

@@ -331,3 +331,16 @@ def test_an_external_nic_whose_switch_does_not_listen_aborts_the_start_at_once(h
         vm = h.qm().start(h.vmid)
         assert chardev_connected(vm, "vhu-net1")
         h.qm().stop(h.vmid)
+
+
+def test_a_hugepages_vm_starts_on_a_host_with_no_hugepages_reserved_yet(harness):
+    """qemu-server reserves hugepages itself after pre-start: nr_hugepages=0 is normal."""
+    h = harness
+    h.cluster.write_vm_config("nodeA", h.vmid, (
+        f"balloon: 0\nhugepages: 2\nmemory: 128\nname: router\nnuma: 1\n"
+        f"net0: virtio=BC:24:11:00:00:01,bridge={h.tap_bridge}\n"))
+    h.cli("nic", "add", str(h.vmid), "net1", "--bridge", h.vhost_bridge)
+    h.cli("enable", str(h.vmid))
+    vm = h.qm().start(h.vmid)
+    assert chardev_connected(vm, "vhu-net1")
+    assert "ERROR" not in vm.task.text

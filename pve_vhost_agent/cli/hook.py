@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -11,7 +10,7 @@ import click
 
 from pve_vhost_agent import hookinstall
 from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hook import HookCall, read_config, roll_back, run_chained, run_phase, uses_agent
+from pve_vhost_agent.hook import HookCall, has_leftovers, read_config, roll_back, run_chained, run_phase, uses_agent
 from pve_vhost_agent.journal import setup_logging
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.specstore import load_spec
@@ -28,11 +27,12 @@ def hook(settings: Settings, vmid: str, phase: str) -> None:
     call = HookCall.from_argv(vmid, phase, os.environ)
     vm = load_spec(settings).for_vm(call.vmid)
     config = read_config(settings, call)
-    if not uses_agent(vm, config):
+    # Also without a spec: a clone's copied args, or what a VM left whose spec went.
+    ours = uses_agent(vm, config) or has_leftovers(settings, call, config)
+    if not ours and vm.chained_hook is None:
         return  # not the agent's VM: silent, as Proxmox's task log should be
     code = ExitCode.OK
-    # A chained hook alone (no hookscript of ours, no spec, no args) gives the agent nothing to do.
-    if vm or uses_agent(dataclasses.replace(vm, chained_hook=None), config):
+    if ours:
         setup_logging(journal=True, human_stream=sys.stdout)
         try:
             run_phase(settings, call, vm, config)
