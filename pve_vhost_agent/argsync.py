@@ -2,14 +2,16 @@
 
 Pure. The plan comes from argsplan; the VM config from vmconfig. Proxmox builds the
 command line from the config it loaded before pre-start, so the line must be right
-before a start: a running VM gets the new line as a `[PENDING]` change (as `qm set`
-does), a stopped VM in its main section (or in `[PENDING]` when a pending `args` would
-override the main one at the next start).
+before a start: a running or hibernated VM (which resumes from its main section) gets
+the new line as a `[PENDING]` change (as `qm set` does), a stopped VM in its main section
+(or in `[PENDING]` when a pending `args` or `delete: args` would override the main one at
+the next start).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 from pve_vhost_agent import qemuargs
 from pve_vhost_agent.argsplan import ArgsPlan
@@ -35,20 +37,32 @@ class ArgsSync:
         return describe_changes(self.current, self.plan.args)
 
 
+def is_hibernated(main: Mapping[str, str]) -> bool:
+    """qemu-server resumes such a VM from its main section; [PENDING] waits for a cold start."""
+    return "vmstate" in main or main.get("lock") == "suspended"
+
+
 def sync_args(config: VmConfig, plan: ArgsPlan, running: bool) -> ArgsSync:
     """Compare the args the next start would use with `plan`; compute the config to write."""
     effective = config.effective().get("args", "")
     current = qemuargs.agent_args(effective)
+    main = config.section(MAIN)
     pending = config.section(PENDING)
-    section = PENDING if running or "args" in pending or "args" in config.pending_delete else MAIN
+    later = running or is_hibernated(main)
+    section = PENDING if later or "args" in pending or "args" in config.pending_delete else MAIN
     if current == plan.args:
         return ArgsSync(current, plan, section, effective or None, config)
     merged = qemuargs.merge_agent_args(effective, plan.args) or None
-    if section == PENDING and merged == (config.section(MAIN).get("args") or None):
+    if section == MAIN:
+        after = config.with_value("args", merged, MAIN)
+    elif merged == (main.get("args") or None):
         # The main section already has this line: no pending change is needed.
-        after = config.with_value("args", None, PENDING)
+        after = config.with_value("args", None, PENDING).with_pending_delete("args", False)
+    elif merged is None:
+        # No line at all, but the main section has one: delete it at the next start.
+        after = config.with_value("args", None, PENDING).with_pending_delete("args", True)
     else:
-        after = config.with_value("args", merged, section)
+        after = config.with_value("args", merged, PENDING).with_pending_delete("args", False)
     return ArgsSync(current, plan, section, merged, after)
 
 

@@ -5,12 +5,20 @@ Proxmox does (it aborts the start). So pre-start checks everything the VM needs 
 makes it so, or refuses; the other phases do their part and only warn.
 
 - pre-start: the args line must already be right (Proxmox loaded the config before this
-  hook and will not read it again), the host must have room for the shared memory, the
-  socket folders and OVS ports must exist: QEMU blocks at its vhost-user netdev until
-  the switch connects, so a missing port would hang the start.
+  hook and will not read it again; a migration or resume uses the main section), the
+  socket folders and OVS ports must exist and ovs-vswitchd must have opened them, and an
+  `external` switch must listen: QEMU blocks at its vhost-user netdev until the switch
+  connects, so a missing port or server would hang the start. Room for the shared
+  memory is only warned about.
 - post-start: QinQ on Proxmox's tap ports (plugged while QEMU started); port states logged.
 - pre-stop: nothing destructive (it does not run when the guest powers off or crashes).
 - post-stop: the VM's own OVS ports and sockets go, taps get Proxmox's settings back.
+
+A VM "uses the agent" when it has a spec or agent-owned args (a clone or restore copies
+`args:` and `hookscript:` but not the spec): every phase then reads its config and runs,
+so such a VM is never silently passed. A VM with only the agent's hookscript (no spec,
+no args) has nothing to check, and stays silent; its post-stop still removes what Open
+vSwitch or the socket folder holds for it (say, its spec went while it ran).
 
 The same planners serve the service; this module only decides what to observe and when.
 """
@@ -20,24 +28,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
+import time
 from typing import Callable, Mapping
 
-from pve_vhost_agent import ovsplan, pvefs, storagecfg, tapguard
-from pve_vhost_agent.capacity import capacity_problems, shared_memory_need
-from pve_vhost_agent.errors import CapacityError, NotFound, StaleArgs, UsageError
-from pve_vhost_agent.hostinfo import read_host_memory
+from pve_vhost_agent import ovsplan, pvefs, qemuargs, storagecfg, tapguard
+from pve_vhost_agent.argsplan import plan_args
+from pve_vhost_agent.capacity import capacity_warnings, shared_memory_need
+from pve_vhost_agent.errors import AgentError, AgentTimeout, ConfigConflict, NotFound, OvsRefused, UsageError
+from pve_vhost_agent.hookinstall import is_agent_hook
+from pve_vhost_agent.hostinfo import read_host_memory, unix_socket_refusal
 from pve_vhost_agent.journal import context_logger, timed_action
 from pve_vhost_agent.ovsdb import Ovsdb
+from pve_vhost_agent.portcheck import port_problems
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.spec import Backend, ChainedHook, VmSpec
-from pve_vhost_agent.vmargs import sync_for
-from pve_vhost_agent.vmconfig import VmConfig
+from pve_vhost_agent.startconfig import served_spec, stale_args, start_config
+from pve_vhost_agent.vmargs import qemu_version_for, socket_dirs
+from pve_vhost_agent.vmconfig import MAIN, VmConfig
 from pve_vhost_agent.vmlayout import memory_layout
 
 log = logging.getLogger(__name__)
 
 PHASES = ("pre-start", "post-start", "pre-stop", "post-stop")
+EXTERNAL_CONNECT_TIMEOUT = 1.0  # seconds for an external switch to accept a probe
+_OVS_SOCKET = re.compile(r"^vm-(\d+)-\d+\.sock$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,28 +79,75 @@ class HookContext:
     settings: Settings
     call: HookCall
     vm: VmSpec
+    config: VmConfig | None  # None: the VM has no config file (where this phase looks)
     log: logging.LoggerAdapter
 
 
-def run_phase(settings: Settings, call: HookCall, vm: VmSpec) -> None:
+def read_config(settings: Settings, call: HookCall) -> VmConfig | None:
+    """The VM's config as this call sees it: during a migration start, in the source's folder."""
+    text = pvefs.read_text(settings.vm_conf(call.vmid, call.migrated_from))
+    if text is None and call.migrated_from:
+        text = pvefs.read_text(settings.vm_conf(call.vmid))
+    return None if text is None else VmConfig.parse(text)
+
+
+def uses_agent(vm: VmSpec, config: VmConfig | None) -> bool:
+    """Does the agent have work for this VM (see the module's note)? A chained hook alone is none."""
+    if vm:
+        return True
+    if config is None:
+        return False
+    main = config.section(MAIN)
+    return any(_has_agent_args(values.get("args", "")) for values in (main, config.effective()))
+
+
+def has_leftovers(settings: Settings, call: HookCall, config: VmConfig | None) -> bool:
+    """At post-stop of a VM with the agent's hookscript but no spec or args: does Open
+    vSwitch or the socket folder still hold something of the agent's for it? Silent:
+    an unreachable OVS says no (the service cleans up later)."""
+    if call.phase != "post-stop" or config is None or not is_agent_hook(config.section(MAIN).get("hookscript")):
+        return False
+    if _stale_sockets(settings, call.vmid):
+        return True
+    try:
+        with Ovsdb.from_settings(settings) as db:
+            return bool(db.snapshot().owned_ports(call.vmid))
+    except AgentError:
+        return False
+
+
+def _has_agent_args(line: str) -> bool:
+    if "vhu-" not in line:
+        return False
+    try:
+        return bool(qemuargs.agent_args(line))
+    except AgentError:
+        return True  # malformed around the agent's words: pre-start reports it
+
+
+def run_phase(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig | None) -> None:
     """The agent's own work for `call` (raises AgentError; pre-start's abort the start)."""
-    ctx = HookContext(settings, call, vm, context_logger(log, vmid=call.vmid, phase=call.phase))
+    ctx = HookContext(settings, call, vm, config, context_logger(log, vmid=call.vmid, phase=call.phase))
     _PHASES[call.phase](ctx)
 
 
-def roll_back(settings: Settings, call: HookCall, vm: VmSpec) -> None:
+def roll_back(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig | None) -> None:
     """Undo a pre-start whose start is aborted after it (no other hook will run)."""
     if any(nic.backend is Backend.OVS for nic in vm.nics):
-        run_phase(settings, dataclasses.replace(call, phase="post-stop"), vm)
+        run_phase(settings, dataclasses.replace(call, phase="post-stop"), vm, config)
 
 
 def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapping[str, str]) -> int:
     """Run the VM's previous hookscript as Proxmox would: same argv, environment, stdin."""
     path = storagecfg.snippet_path(settings, hook.hookscript)
+    fix = f"restore it, or drop it: pve-vhost-agent disable {call.vmid} && pve-vhost-agent enable {call.vmid}"
     if not path.is_file() or not os.access(path, os.X_OK):
-        raise NotFound(f"chained hookscript {hook.hookscript} ({path}) is missing or not executable",
-                       f"restore it, or drop it: pve-vhost-agent disable {call.vmid} && pve-vhost-agent enable {call.vmid}")
-    result = subprocess.run([str(path), str(call.vmid), call.phase], env=dict(env), check=False)
+        raise NotFound(f"chained hookscript {hook.hookscript} ({path}) is missing or not executable", fix)
+    try:
+        result = subprocess.run([str(path), str(call.vmid), call.phase], env=dict(env), check=False)
+    except OSError as err:  # e.g. no `#!` line: ENOEXEC
+        raise AgentError(f"chained hookscript {hook.hookscript} ({path}) cannot be run: {err.strerror}",
+                         f"give it a `#!` line or fix it; {fix}") from err
     if result.returncode != 0:
         log.warning("chained hookscript %s exited with %d", hook.hookscript, result.returncode,
                     extra={"vmid": call.vmid, "phase": call.phase, "action": "RunChainedHook",
@@ -96,32 +159,32 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
 
 
 def _pre_start(ctx: HookContext) -> None:
-    vm, settings = ctx.vm, ctx.settings
+    settings = ctx.settings
     config = _config_at_start(ctx)
-    with timed_action(ctx.log, "CheckArgs", f"VM {vm.vmid}: check the args line"):
-        sync = sync_for(settings, vm, config, running=False)
-        if not sync.in_sync:
-            raise StaleArgs(
-                f"VM {vm.vmid}: the args line does not match its spec ({'; '.join(sync.changes)})",
-                f"run `pve-vhost-agent apply {vm.vmid}`, then start the VM again",
-            )
-    tapguard.check_taps_before_start(settings, vm, config.effective(), ctx.log)
+    start = start_config(config, ctx.call.migrated_from)
+    with timed_action(ctx.log, "CheckArgs", f"VM {ctx.vm.vmid}: check the args line"):
+        vm = served_spec(ctx.vm, start)  # on a migration or resume: the NICs it runs with
+        plan = plan_args(vm, start.values, qemu_version_for(vm), socket_dirs(settings))
+        stale = stale_args(vm, qemuargs.agent_args(start.values.get("args", "")), plan.args, start)
+        if stale:
+            raise stale
+    tapguard.check_taps_before_start(settings, vm, start.values, ctx.log)
     if vm.nics:
         with timed_action(ctx.log, "CheckMemory", f"VM {vm.vmid}: check room for shared memory"):
-            need = shared_memory_need(memory_layout(config.effective()))
-            problems = capacity_problems(vm.vmid, need, read_host_memory(settings))
-            if problems:
-                raise CapacityError(problems[0])
+            need = shared_memory_need(memory_layout(start.values))
+            for warning in capacity_warnings(vm.vmid, need, read_host_memory()):
+                ctx.log.warning("%s", warning, extra={"action": "CheckMemory", "result": "short"})
         for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):
-            folder = settings.socket_dir(backend.value)
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_folder(settings, backend)
+        _check_external_servers(ctx, vm)
     if any(nic.backend is Backend.OVS for nic in vm.nics):
         with Ovsdb.from_settings(settings) as db:
             _apply(ctx, db, lambda state: ovsplan.plan_vhost_ports(vm, state, settings.socket_dir(Backend.OVS.value)))
+            _check_ports_open(ctx, db, vm)
 
 
 def _post_start(ctx: HookContext) -> None:
-    vm = ctx.vm
+    vm = served_spec(ctx.vm, start_config(ctx.config, ctx.call.migrated_from)) if ctx.config else ctx.vm
     if not vm.tap_qinq and not any(nic.backend is Backend.OVS for nic in vm.nics):
         return
     with Ovsdb.from_settings(ctx.settings) as db:
@@ -152,18 +215,20 @@ def _pre_stop(ctx: HookContext) -> None:
 
 
 def _post_stop(ctx: HookContext) -> None:
-    vm, settings = ctx.vm, ctx.settings
+    vmid, settings = ctx.call.vmid, ctx.settings
     with Ovsdb.from_settings(settings) as db:
-        _apply(ctx, db, lambda state: ovsplan.plan_vm_removal(vm.vmid, state))
+        _apply(ctx, db, lambda state: ovsplan.plan_vm_removal(vmid, state))
     # QEMU (the server of `ovs` sockets) is gone; a socket file it left is stale. The
     # `external` folder belongs to the external switch: never touched.
-    for nic in vm.nics:
-        if nic.backend is Backend.OVS:
-            sock = settings.socket_dir(Backend.OVS.value) / nic.socket_name
-            if sock.is_socket():
-                sock.unlink()
-                ctx.log.info("VM %s %s: removed stale socket %s", vm.vmid, nic.name, sock,
-                             extra={"nic": nic.name, "action": "DelSocket", "result": "removed"})
+    for sock in _stale_sockets(settings, vmid):
+        try:
+            sock.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise AgentError(f"cannot remove the stale socket {sock}: {err.strerror}",
+                             "remove it by hand before the next start") from err
+        ctx.log.info("VM %s: removed stale socket %s", vmid, sock, extra={"action": "DelSocket", "result": "removed"})
 
 
 _PHASES: dict[str, Callable[[HookContext], None]] = {
@@ -179,12 +244,60 @@ _PHASES: dict[str, Callable[[HookContext], None]] = {
 
 def _config_at_start(ctx: HookContext) -> VmConfig:
     """The config this start uses: during a migration it still sits in the source's folder."""
-    path = ctx.settings.vm_conf(ctx.vm.vmid, ctx.call.migrated_from)
-    text = pvefs.read_text(path)
-    if text is None:
+    if ctx.config is None:
+        path = ctx.settings.vm_conf(ctx.vm.vmid, ctx.call.migrated_from)
         raise NotFound(f"VM {ctx.vm.vmid} has a spec but no config at {path}",
                        f"remove the stale spec (pve-vhost-agent nic list {ctx.vm.vmid}) or restore the VM")
-    return VmConfig.parse(text)
+    return ctx.config
+
+
+def _stale_sockets(settings: Settings, vmid: int) -> list:
+    """The VM's `ovs` socket files (QEMU, their server, must be gone when this is asked)."""
+    folder = settings.socket_dir(Backend.OVS.value)
+    return [sock for sock in sorted(folder.glob(f"vm-{vmid}-*.sock"))
+            if (match := _OVS_SOCKET.match(sock.name)) and int(match.group(1)) == vmid and sock.is_socket()]
+
+
+def _make_folder(settings: Settings, backend: Backend) -> None:
+    folder = settings.socket_dir(backend.value)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AgentError(f"cannot create the socket folder {folder}: {err.strerror}",
+                         f"make {folder} a folder root can write to") from err
+
+
+def _check_external_servers(ctx: HookContext, vm: VmSpec) -> None:
+    """QEMU with `reconnect` does not start until the external switch's socket accepts it."""
+    for nic in vm.nics:
+        if nic.backend is not Backend.EXTERNAL:
+            continue
+        path = ctx.settings.socket_dir(Backend.EXTERNAL.value) / nic.socket_name
+        why = unix_socket_refusal(path, EXTERNAL_CONNECT_TIMEOUT)
+        if why:
+            raise ConfigConflict(
+                f"VM {vm.vmid} {nic.name}: nothing listens on {path} ({why}), and QEMU would wait for it forever",
+                f"start VPP/TNSR first (it must create {path}), or order the VM's start after it",
+            )
+
+
+def _check_ports_open(ctx: HookContext, db: Ovsdb, vm: VmSpec) -> None:
+    """Wait (bounded) until ovs-vswitchd reports on each port; refuse one it could not open."""
+    deadline = time.monotonic() + ctx.settings.ovs_timeout
+    while True:
+        state = db.snapshot()
+        seqno = db.change_seqno
+        problems, waiting = port_problems(vm, state)
+        if problems:
+            raise OvsRefused(problems[0], "fix what ovs-vswitchd says (ovs-vsctl list Interface; "
+                             "/var/log/openvswitch/ovs-vswitchd.log), then start the VM again")
+        remaining = deadline - time.monotonic()
+        if not waiting:
+            return
+        if remaining <= 0:
+            raise AgentTimeout(f"VM {vm.vmid}: ovs-vswitchd has not opened {', '.join(waiting)} "
+                               f"within {ctx.settings.ovs_timeout:g} s", "is ovs-vswitchd running and not stuck?")
+        db.wait_for_change(seqno, remaining)
 
 
 def _apply(ctx: HookContext, db: Ovsdb, plan: Callable) -> None:

@@ -17,9 +17,9 @@ from pve_vhost_agent.argsync import sync_args
 from pve_vhost_agent.errors import ConfigConflict, NotFound
 from pve_vhost_agent.settings import HOOK_NAME, Settings
 from pve_vhost_agent.specstore import load_spec, update_spec
-from pve_vhost_agent.vmargs import sync_for
+from pve_vhost_agent.vmargs import qemu_version_for, sync_for
 from pve_vhost_agent.vmconfig import MAIN, VmConfig
-from pve_vhost_agent.vmstore import find_vm, update_vm_config
+from pve_vhost_agent.vmstore import find_vm, update_vm_config, vm_running
 
 # The checkout's copy first (tests, demo), then the package's.
 HOOK_SOURCES = (
@@ -70,7 +70,8 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
     cluster = load_spec(settings)
     vm = cluster.for_vm(vmid)
     # Plan before writing anything: a VM the agent must refuse gets nothing written.
-    planned = sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running))
+    version = qemu_version_for(vm)  # once, before the lock: nothing slow runs while it is held
+    planned = sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running), version)
     path, installs = install(settings, storage, dry_run)
     if dry_run:
         lines = [f"dry run: VM {vmid}: would " + ("install the hookscript at {path} and " if installs else "")
@@ -87,7 +88,7 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
 
     def change(config: VmConfig) -> VmConfig:
         with_hook = config.with_value("hookscript", ours)
-        return sync_for(settings, vm, with_hook, bool(find_vm(settings, vmid).running)).config_after
+        return sync_for(settings, vm, with_hook, vm_running(settings, vmid), version).config_after
 
     update = update_vm_config(settings, vmid, change)
     verb = "set to" if update.changed else "already"
@@ -112,7 +113,7 @@ def disable(settings: Settings, vmid: int, dry_run: bool = False) -> list[str]:
         current = config.section(MAIN).get("hookscript")
         if is_agent_hook(current):
             config = config.with_value("hookscript", previous)
-        return sync_args(config, ArgsPlan(), bool(find_vm(settings, vmid).running)).config_after
+        return sync_args(config, ArgsPlan(), vm_running(settings, vmid)).config_after
 
     if dry_run:
         after = change(location.config)

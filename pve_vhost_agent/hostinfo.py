@@ -1,23 +1,20 @@
 """Read-only host observations: memory capacity, and links through netlink (pyroute2).
 
-Kernel views (/proc, /sys, netlink) are the host's own; /dev/shm is taken under the
-configured root like every other host path.
+Kernel views (/proc, /sys, netlink) are the host's own; unix sockets are probed by path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from pve_vhost_agent.capacity import HostMemory
 from pve_vhost_agent.errors import AgentError
-from pve_vhost_agent.settings import Settings
 
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
 
 
-def read_host_memory(settings: Settings, proc: Path = Path("/proc")) -> HostMemory:
+def read_host_memory(proc: Path = Path("/proc")) -> HostMemory:
     available = None
     try:
         for line in (proc / "meminfo").read_text().splitlines():
@@ -27,15 +24,7 @@ def read_host_memory(settings: Settings, proc: Path = Path("/proc")) -> HostMemo
         raise AgentError(f"cannot read {proc / 'meminfo'}: {err.strerror}", "is /proc mounted?") from err
     if available is None:
         raise AgentError(f"{proc / 'meminfo'} has no MemAvailable line", "run on Linux 3.14 or later")
-    return HostMemory(available, _free_bytes(settings.host_path("/dev/shm")), _hugepages_free())
-
-
-def _free_bytes(path: Path) -> int | None:
-    try:
-        stat = os.statvfs(path)
-    except OSError:
-        return None
-    return stat.f_bavail * stat.f_frsize
+    return HostMemory(available, _hugepages_free())
 
 
 def _hugepages_free(sysfs: Path = HUGEPAGES_SYSFS) -> dict[int, int]:
@@ -93,3 +82,23 @@ def read_links(netns: str | None = None) -> dict[str, Link]:
         return links
     finally:
         ipr.close()
+
+
+def unix_socket_refusal(path: Path, timeout: float) -> str | None:
+    """None when something accepts connections on the unix socket `path`, else why not.
+
+    The connection is closed at once (a vhost-user server sees a client come and go).
+    """
+    import socket  # here: only the pre-start probe of external sockets needs it
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        return None
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        sock.close()

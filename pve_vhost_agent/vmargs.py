@@ -12,11 +12,12 @@ import logging
 from pve_vhost_agent import qemu, qemuargs
 from pve_vhost_agent.argsplan import plan_args
 from pve_vhost_agent.argsync import ArgsSync, sync_args
+from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.spec import Backend, ClusterSpec, VmSpec
 from pve_vhost_agent.specstore import load_spec
 from pve_vhost_agent.vmconfig import VmConfig
-from pve_vhost_agent.vmstore import VmLocation, find_vm, update_vm_config
+from pve_vhost_agent.vmstore import VmLocation, find_vm, update_vm_config, vm_running
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,15 @@ def socket_dirs(settings: Settings) -> dict[Backend, object]:
     return {backend: settings.socket_dir(backend.value) for backend in Backend}
 
 
-def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool) -> ArgsSync:
-    """Plan `vm`'s args against `config` (QEMU is asked its version only when it matters)."""
-    version = qemu.installed_version() if vm.nics else (0, 0, 0)
+def qemu_version_for(vm: VmSpec) -> tuple[int, int, int]:
+    """The installed QEMU's version, asked only when `vm`'s args depend on it."""
+    return qemu.installed_version() if vm.nics else (0, 0, 0)
+
+
+def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool,
+             version: tuple[int, int, int] | None = None) -> ArgsSync:
+    """Plan `vm`'s args against `config` (pass `version` when calling under a lock)."""
+    version = qemu_version_for(vm) if version is None else version
     plan = plan_args(vm, config.effective(), version, socket_dirs(settings))
     return sync_args(config, plan, running)
 
@@ -56,14 +63,21 @@ def apply_vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = N
     if first.sync.in_sync:
         return first
     vm = first.spec
+    version = qemu_version_for(vm)  # before the lock: nothing slow runs while it is held
     result: list[ArgsSync] = []
 
     def change(config: VmConfig) -> VmConfig:
-        sync = sync_for(settings, vm, config, bool(find_vm(settings, vmid).running))
+        sync = sync_for(settings, vm, config, vm_running(settings, vmid), version)
         result.append(sync)
         return sync.config_after
 
     update = update_vm_config(settings, vmid, change)
+    if not update.changed and not result[-1].in_sync:
+        raise AgentError(
+            f"VM {vmid}: its args line is not as planned ({'; '.join(result[-1].changes)}) but writing the config "
+            "changes nothing",
+            f"this is a bug: report it with /etc/pve/qemu-server/{vmid}.conf",
+        )
     if update.changed:
         log.info("VM %s: args line written to the %s section", vmid, result[-1].section,
                  extra={"vmid": vmid, "action": "WriteVmArgs", "result": "changed"})

@@ -153,6 +153,40 @@ class VmConfig:
         where = self._insert_at(part, key)
         return self._relined(lines[:where] + [new_line] + lines[where:])
 
+    def with_pending_delete(self, key: str, deleted: bool) -> "VmConfig":
+        """A copy where `[PENDING]`'s `delete:` list has `key` (deleted) or not.
+
+        `qm set` drops a key from that list when it writes the key, and adds it for
+        `--delete key` on a running VM. Only the `delete:` line changes (it appears first
+        in `[PENDING]`, as Proxmox writes it, or goes when its list becomes empty).
+        """
+        if not _KEY.match(key) or key in ("delete", "description"):
+            raise ValueError(f"{key!r} is not a key the agent may delete")
+        part = self._part(PENDING)
+        at = [i for i, line in enumerate(self.lines)
+              if part is not None and line.part == part and line.kind == "key" and line.key == "delete"]
+        items = [item for item in re.split(r"[,;\s]+", self.lines[at[-1]].value) if item] if at else []
+        kept = [item for item in items if item.lstrip("!") != key]
+        if deleted == (len(kept) != len(items)):
+            return self  # already as asked
+        lines = [line.text for line in self.lines]
+        if deleted:
+            new_line = "delete: " + ",".join(items + [key])
+            if at:
+                lines[at[-1]] = new_line
+                return self._relined(lines)
+            if part is None:
+                end = self._end_of(0)
+                return self._relined(lines[:end] + ["", "[PENDING]", new_line] + lines[end:])
+            header = next(i for i, line in enumerate(self.lines) if line.part == part)
+            return self._relined(lines[:header + 1] + [new_line] + lines[header + 1:])
+        if kept:
+            lines[at[-1]] = "delete: " + ",".join(kept)
+            return self._relined(lines)
+        for i in reversed(at):
+            del lines[i]
+        return self._relined(lines)._without_empty_pending()
+
     # --- helpers ---------------------------------------------------------------------
 
     def _part(self, name: str) -> int | None:

@@ -1,6 +1,7 @@
 """The hookscript's front door: silent for VMs that are not the agent's, one line for bad calls."""
 
 import os
+import socket
 import subprocess
 
 import pytest
@@ -27,6 +28,14 @@ def test_the_hookscript_is_an_executable_python_script():
 def test_a_vm_without_spec_gets_exit_0_and_no_output(pve_root, phase):
     pve_root.write_vm(100, VM)
     result = call_hook(pve_root, "100", phase, PVE_MIGRATED_FROM="")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+@pytest.mark.parametrize("phase", ["pre-start", "post-start", "pre-stop", "post-stop"])
+def test_a_vm_with_only_the_agents_hookscript_is_silent_too(pve_root, phase):
+    pve_root.write_vm(100, VM + "hookscript: local:snippets/pve-vhost-agent\n")
+    result = call_hook(pve_root, "100", phase, PVE_MIGRATED_FROM="",
+                       PVE_VHOST_AGENT_OVSDB=f"unix:{pve_root.root}/no-ovsdb.sock")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
 
@@ -114,3 +123,44 @@ def test_enable_disable_and_install_hook_dry_runs_write_nothing(pve_root):
     result = pve_root.cli("disable", "100", "--dry-run")
     assert "would write hookscript: local:snippets/old.pl and args: (none)" in result.stdout
     assert pve_root.snapshot() == enabled
+
+
+def test_a_socket_folder_that_cannot_be_made_aborts_pre_start_in_one_line(pve_root):
+    pve_root.write_vm(100, VM)
+    pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
+    assert pve_root.cli("enable", "100").returncode == 0
+    (pve_root.root / "run").mkdir(exist_ok=True)
+    (pve_root.root / "run/pve-vhost-agent").write_text("not a folder\n")
+    result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
+    assert result.returncode == 1 and b"Traceback" not in result.stdout + result.stderr
+    assert b"cannot create the socket folder" in result.stdout and b"Not a directory" in result.stdout
+
+
+def test_a_chained_hookscript_without_a_shebang_is_one_line_not_a_traceback(pve_root):
+    snippet = pve_root.root / "var/lib/vz/snippets/old.sh"
+    snippet.parent.mkdir(parents=True, exist_ok=True)
+    snippet.write_text("echo no shebang\n")
+    snippet.chmod(0o755)
+    pve_root.write_vm(100, VM + "hookscript: local:snippets/old.sh\n")
+    assert pve_root.cli("enable", "100").returncode == 0
+    result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
+    assert result.returncode == 1 and b"Traceback" not in result.stderr
+    assert b"chained hookscript local:snippets/old.sh" in result.stderr and b"Exec format error" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_stale_socket_that_cannot_be_removed_is_a_one_line_warning_at_post_stop(pve_root, ovs):
+    pve_root.write_vm(100, VM)
+    pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
+    folder = pve_root.root / "run/pve-vhost-agent/ovs"
+    folder.mkdir(parents=True)
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(folder / "vm-100-1.sock"))  # what a QEMU that is gone left behind
+    left.close()
+    subprocess.run(["chattr", "+i", str(folder)], check=True)  # unlink fails even for root
+    try:
+        result = call_hook(pve_root, "100", "post-stop", PVE_VHOST_AGENT_OVSDB=ovs.remote)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr
+    assert b"cannot remove the stale socket" in result.stdout and b"Operation not permitted" in result.stdout

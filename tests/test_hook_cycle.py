@@ -17,6 +17,7 @@ from pvestandin import Cluster, Qm, StartAborted, TaskLog, kill_leftovers, qemu
 from pvestandin.hooks import exec_hookscript, start_environment
 
 from conftest import PEER, REPO
+from fixtures.vhost_user_stub import VhostUserStub
 
 MIGRATION_LINE = "migration listens on"
 
@@ -275,3 +276,116 @@ def test_post_start_warns_about_an_uplink_too_small_for_the_s_tag(harness):
         assert (entry["PHASE"], entry["NIC"], entry["PORT"], entry["RESULT"]) == ("post-start", "net0", h.tap, "warning")
     finally:
         subprocess.run(["ip", "-n", h.ovs.netns, "link", "del", uplink], capture_output=True)
+
+
+def test_a_clone_with_the_agents_args_but_no_spec_is_refused_not_started(harness):
+    """`qm clone` copies `args:` (VM 100's socket and MAC) and `hookscript:`, not the spec."""
+    h = harness
+    h.declare_and_enable()
+    clone = h.vmid + 1
+    text = h.node.vm_conf(h.vmid).read_text()
+    h.cluster.write_vm_config("nodeA", clone, text.replace("name: router", "name: clone"))
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(clone)
+    log = caught.value.task.text
+    assert f"VM {clone} has the agent's vhost-user args but no spec" in log
+    assert f"they use the socket of VM {h.vmid}" in log and f"pve-vhost-agent apply {clone}" in log
+    assert caught.value.task.hooks[0].returncode == 9
+    assert not (h.socket.parent / f"vm-{clone}-1.sock").exists() and not h.socket.exists()
+    # Declared like VM 100 (the agent's hookscript is set: the args follow at once), the
+    # clone gets a socket of its own.
+    h.cli("nic", "add", str(clone), "net1", "--bridge", h.vhost_bridge, "--mac", "02:00:00:00:00:11")
+    vm = h.qm().start(clone)
+    assert chardev_connected(vm, "vhu-net1")
+    assert f"/vm-{clone}-1.sock" in " ".join(vm.argv) and f"/vm-{h.vmid}-1.sock" not in " ".join(vm.argv)
+    h.qm().stop(clone)
+    h.cli("nic", "remove", str(clone), "net1")
+
+
+def test_post_stop_removes_the_ports_of_a_vm_whose_spec_went_while_it_ran(harness):
+    h = harness
+    h.declare_and_enable()
+    h.qm().start(h.vmid)
+    h.cli("nic", "remove", str(h.vmid), "net1")
+    h.cli("qinq", "remove", str(h.vmid), "net0")
+    assert h.vhost_port in h.owned_ports()
+    h.qm().stop(h.vmid)
+    assert h.owned_ports() == [] and not h.socket.exists()
+
+
+def as_migration_target(h, config: str) -> dict:
+    """The config as the target's pre-start sees it (still in the source's folder)."""
+    h.node.vm_conf(h.vmid).write_text(config)
+    return {"migrated_from": "nodeA", "PVE_VHOST_AGENT_NODE": "nodeB"}
+
+
+def test_a_migration_start_checks_and_plans_from_the_main_section(harness):
+    h = harness
+    h.declare_and_enable()
+    main = h.node.vm_conf(h.vmid).read_text()
+    # Memory raised while the VM ran; the new args are not written yet. The migration
+    # start uses the main section (128 MiB, its args): nothing is stale for it.
+    target = as_migration_target(h, main + "\n[PENDING]\nmemory: 192\n")
+    migrating = h.hook("pre-start", **target)
+    assert migrating.returncode == 0, migrating.stdout
+    assert h.vhost_port in h.owned_ports()
+    cold = h.hook("pre-start")  # a cold start applies the pending memory: now it is stale
+    assert cold.returncode == 9 and "size 128M -> 192M" in cold.stdout
+
+
+def test_a_migration_start_refuses_a_nic_the_spec_dropped_while_the_vm_ran(harness):
+    h = harness
+    h.declare_and_enable()
+    h.cli("nic", "add", str(h.vmid), "net2", "--bridge", h.vhost_bridge)
+    running = h.node.vm_conf(h.vmid).read_text()  # the args the VM runs with: net1 and net2
+    h.cli("nic", "remove", str(h.vmid), "net2")
+    pending_args = h.node.vm_conf(h.vmid).read_text().split("args: ", 1)[1].split("\n", 1)[0]
+    target = as_migration_target(h, running + f"\n[PENDING]\nargs: {pending_args}\n")
+    migrating = h.hook("pre-start", **target)
+    assert migrating.returncode == 9
+    assert (f"VM {h.vmid}: its running args still have net2, which the spec no longer declares; "
+            "restart the VM before migrating, or re-add the NIC") in migrating.stdout
+    assert h.owned_ports() == []
+
+
+def test_a_resume_from_hibernation_uses_the_main_section(harness):
+    h = harness
+    h.declare_and_enable()
+    main = h.node.vm_conf(h.vmid).read_text()
+    h.node.vm_conf(h.vmid).write_text(main + "vmstate: local:state-suspend.raw\n\n[PENDING]\nmemory: 192\n")
+    resuming = h.hook("pre-start")
+    assert resuming.returncode == 0, resuming.stdout
+    # Args written now wait for the cold start after the resume: [PENDING], as for a running VM.
+    h.cli("apply", str(h.vmid))
+    text = h.node.vm_conf(h.vmid).read_text()
+    assert text.startswith(main) and "size=192M" in text.split("[PENDING]", 1)[1]
+
+
+def test_an_external_nic_whose_switch_does_not_listen_aborts_the_start_at_once(harness):
+    h = harness
+    h.write_vm()
+    h.cli("nic", "add", str(h.vmid), "net1", "--bridge", h.vhost_bridge, "--backend", "external")
+    h.cli("enable", str(h.vmid))
+    sock = h.node.path("/run/pve-vhost-agent/external") / f"vm-{h.vmid}-1.sock"
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(h.vmid)  # without the check: QEMU retries until the start times out
+    assert (f"start VPP/TNSR first (it must create {sock}), or order the VM's start after it"
+            in caught.value.task.text)
+    with VhostUserStub(sock) as switch:
+        switch.listen()
+        vm = h.qm().start(h.vmid)
+        assert chardev_connected(vm, "vhu-net1")
+        h.qm().stop(h.vmid)
+
+
+def test_a_hugepages_vm_starts_on_a_host_with_no_hugepages_reserved_yet(harness):
+    """qemu-server reserves hugepages itself after pre-start: nr_hugepages=0 is normal."""
+    h = harness
+    h.cluster.write_vm_config("nodeA", h.vmid, (
+        f"balloon: 0\nhugepages: 2\nmemory: 128\nname: router\nnuma: 1\n"
+        f"net0: virtio=BC:24:11:00:00:01,bridge={h.tap_bridge}\n"))
+    h.cli("nic", "add", str(h.vmid), "net1", "--bridge", h.vhost_bridge)
+    h.cli("enable", str(h.vmid))
+    vm = h.qm().start(h.vmid)
+    assert chardev_connected(vm, "vhu-net1")
+    assert "ERROR" not in vm.task.text

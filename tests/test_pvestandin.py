@@ -130,6 +130,15 @@ def test_pending_memory_is_applied_before_pre_start(cluster, hook):
     assert "balloon0" in devices
 
 
+def test_pending_is_kept_for_later_on_a_resume_from_hibernation(cluster, hook):
+    """vm_start_nolock: `if (!$statefile && !$resume && ...pending...)`; resume = vmstate or lock suspended."""
+    path = write_conf(cluster, 105, ["balloon: 0", "lock: suspended"], pending=["memory: 96"])
+    vm = qm(cluster).start(105)
+    seen = vmconfig.parse(hook.calls()[0]["confs"]["nodeA"])
+    assert seen.pending == {"memory": "96"} and vmconfig.load(path).pending == {"memory": "96"}
+    assert vm.argv[vm.argv.index("-m") + 1] != "96"
+
+
 def test_args_come_last_split_like_a_shell_without_expansion(cluster, hook):
     args = "-device virtio-rng-pci,id=rng7 -smbios 'type=1,product=$HOME and \"quotes\"'"
     write_conf(cluster, 103, [f"args: {args}", "net0: virtio=02:00:00:00:01:03"])

@@ -177,3 +177,18 @@ def test_arbitrary_bodies_round_trip_and_args_edits_are_reversible(lines, final_
         edited = config.with_value("args", "-x y", section)
         assert edited.section(section)["args"] == "-x y"
         assert edited.with_value("args", None, section).text == raw
+
+
+def test_pending_delete_entries_come_and_go_like_qm_set_writes_them():
+    raw = "memory: 512\n\n[PENDING]\ndelete: numa,!args,vga\nmemory: 1024\n"
+    config = VmConfig.parse(raw)
+    dropped = config.with_pending_delete("args", False)
+    assert dropped.text == "memory: 512\n\n[PENDING]\ndelete: numa,vga\nmemory: 1024\n"
+    assert dropped.with_pending_delete("args", False) is dropped
+    assert VmConfig.parse("memory: 512\n\n[PENDING]\ndelete: args\n").with_pending_delete("args", False).text == \
+        "memory: 512\n"
+    added = VmConfig.parse("memory: 512\n").with_pending_delete("args", True)
+    assert added.text == "memory: 512\n\n[PENDING]\ndelete: args\n" and added.pending_delete == ("args",)
+    assert added.with_pending_delete("args", False).text == "memory: 512\n"
+    assert VmConfig.parse("memory: 512\n\n[PENDING]\nmemory: 1024\n").with_pending_delete("args", True).text == \
+        "memory: 512\n\n[PENDING]\ndelete: args\nmemory: 1024\n"

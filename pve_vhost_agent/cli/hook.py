@@ -10,7 +10,7 @@ import click
 
 from pve_vhost_agent import hookinstall
 from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hook import HookCall, roll_back, run_chained, run_phase
+from pve_vhost_agent.hook import HookCall, has_leftovers, read_config, roll_back, run_chained, run_phase, uses_agent
 from pve_vhost_agent.journal import setup_logging
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.specstore import load_spec
@@ -26,13 +26,16 @@ def hook(settings: Settings, vmid: str, phase: str) -> None:
     """Run hook PHASE for VM VMID, as Proxmox calls the hookscript (the hookscript runs this)."""
     call = HookCall.from_argv(vmid, phase, os.environ)
     vm = load_spec(settings).for_vm(call.vmid)
-    if not vm and vm.chained_hook is None:
+    config = read_config(settings, call)
+    # Also without a spec: a clone's copied args, or what a VM left whose spec went.
+    ours = uses_agent(vm, config) or has_leftovers(settings, call, config)
+    if not ours and vm.chained_hook is None:
         return  # not the agent's VM: silent, as Proxmox's task log should be
     code = ExitCode.OK
-    if vm:
+    if ours:
         setup_logging(journal=True, human_stream=sys.stdout)
         try:
-            run_phase(settings, call, vm)
+            run_phase(settings, call, vm, config)
         except AgentError as err:
             fields = {"vmid": call.vmid, "phase": call.phase, "result": "failed"}
             if call.phase == "pre-start":
@@ -46,7 +49,7 @@ def hook(settings: Settings, vmid: str, phase: str) -> None:
         if chained != 0 and call.phase == "pre-start" and vm:
             log.error("VM %s: start aborted by the chained hookscript %s; undoing this pre-start",
                       call.vmid, vm.chained_hook.hookscript, extra={"vmid": call.vmid, "phase": call.phase})
-            roll_back(settings, call, vm)
+            roll_back(settings, call, vm, config)
         code = chained
     sys.exit(int(code))
 

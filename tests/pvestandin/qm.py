@@ -2,7 +2,7 @@
 
 start (`vm_start` / `vm_start_nolock`), under the VM config lock:
   load the config (the source node's folder during a migration start) -> apply [PENDING]
-  and write it back (not for a migration start) -> pre-start (non-zero: abort, no QEMU)
+  and write it back (not for a migration start, nor a resume: `vmstate`/`lock: suspended`) -> pre-start (non-zero: abort, no QEMU)
   -> build the command line -> run QEMU (its pve-bridge plugs the taps) -> cleanup flag
   -> post-start. A failed QEMU start runs no hook.
 stop (`vm_stop`): pre-stop -> QMP quit, wait for the PID to end -> cleanup (remove run
@@ -176,7 +176,9 @@ class Qm:
             conf = self.load(vmid, migrated_from, task)
             if self.pid(vmid):
                 raise StartFailed(f"VM {vmid} already running", task)
-            if incoming is None and conf.has_pending():
+            # No pending changes for a migration target nor a resume from hibernation.
+            resume = conf.main.get("lock") == "suspended" or "vmstate" in conf.main
+            if incoming is None and not resume and conf.has_pending():
                 conf.apply_pending()
                 vmconfig.write(self.node.vm_conf(vmid), conf)
             env = start_environment(self.env, migrated_from)
