@@ -285,7 +285,7 @@ def _steps(actions: Sequence[OvsAction]) -> Iterator[list[OvsAction]]:
 
 
 def _subject(action: OvsAction) -> str:
-    for field in ("port", "bridge", "limit"):
+    for field in ("port", "bridge", "limit", "datapath_type"):
         if hasattr(action, field):
             return str(getattr(action, field))
     return ""

@@ -7,7 +7,7 @@ import pytest
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
 from pve_vhost_agent.ovsactions import (
     AddVhostPort, DelPort, EnsureBridge, ReplaceVhostPort, RestoreTapVlan, SetPortMtu,
-    SetPortVlan, SetTapQinQ, SetVlanLimit,
+    SetPortVlan, SetTapQinQ, SetVlanLimit, CheckVlanHeaders, DropDatapath, EnsureDatapath,
 )
 from pve_vhost_agent.ovsplan import (
     plan_gc, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal, port_vlan,
@@ -47,11 +47,12 @@ def tap_port(name="tap100i1", bridge="vmbr0", vlan=PVE_TAG_20, external_ids=Froz
 
 
 def state(*ports, bridges=(OvsBridge("vhostbr0", "netdev"), OvsBridge("vmbr0", "netdev")),
-          vlan_limit="2", probed=(), iface_types=DPDK_TYPES):
+          vlan_limit="2", probed=(("netdev", "2"),), iface_types=DPDK_TYPES, datapaths=None):
     return OvsState(
         bridges=tuple(bridges), ports=tuple(ports),
         other_config=FrozenMap({"vlan-limit": vlan_limit} if vlan_limit else {}),
         iface_types=iface_types, probed_vlan_headers=FrozenMap(dict(probed)),
+        datapath_owners=FrozenMap({dp: "datapath" for dp, _ in dict(probed).items()} if datapaths is None else datapaths),
     )
 
 
@@ -77,6 +78,14 @@ VHOST_TABLE = [
      (SetVlanLimit(2, ""), EnsureBridge("vhostbr0", "netdev"), add(nic(), TUNNEL_950))),
     ("vlan-limit already 2", (nic(vlan=QINQ_950),), state(),
      (add(nic(), TUNNEL_950),)),
+    ("vlan-limit 2 but no Datapath row says what the running datapath probed: make one, check it",
+     (nic(vlan=QINQ_950),), state(probed=(), datapaths={}),
+     (EnsureDatapath("netdev"), CheckVlanHeaders("netdev", 2), add(nic(), TUNNEL_950))),
+    ("the agent's Datapath row was left empty by ovs-vswitchd: made anew", (nic(vlan=QINQ_950),),
+     state(probed=(), datapaths={"netdev": "datapath"}),
+     (DropDatapath("netdev"), EnsureDatapath("netdev"), CheckVlanHeaders("netdev", 2), add(nic(), TUNNEL_950))),
+    ("an operator's Datapath row without the probe is never touched", (nic(vlan=QINQ_950),),
+     state(probed=(), datapaths={"netdev": ""}), (add(nic(), TUNNEL_950),)),
     ("vlan-limit 0 means no limit", (nic(vlan=QINQ_950),), state(vlan_limit="0"),
      (add(nic(), TUNNEL_950),)),
     ("datapath already probed with 2 headers: raising the limit is safe", (nic(vlan=QINQ_950),),
@@ -114,7 +123,7 @@ REFUSALS = [
      OvsRefused, "bridge vhostbr0 uses the system datapath"),
     ("vswitchd without DPDK", (nic(),), state(iface_types=("internal", "system", "tap")),
      OvsRefused, "dpdkvhostuserclient is not among its interface types"),
-    ("QinQ, vlan-limit 1 and a datapath already running", (nic(vlan=QINQ_950),), state(vlan_limit=""),
+    ("QinQ, vlan-limit 1 and a datapath already running", (nic(vlan=QINQ_950),), state(vlan_limit="", probed=()),
      OvsRefused, "vlan-limit 2 or 0, but it is 1"),
     ("QinQ, vlan-limit 1, only one of the datapaths known to be probed with 2", (nic(vlan=QINQ_950),),
      state(OvsPort("x"), vlan_limit="1", probed={"netdev": "2"},
@@ -175,7 +184,7 @@ def test_tap_qinq_needs_the_tap_port():
 
 def test_tap_qinq_refuses_vlan_limit_1_on_proxmoxs_running_bridge():
     with pytest.raises(OvsRefused, match="vlan-limit=2`, then restart ovs-vswitchd"):
-        plan_tap_qinq(VmSpec(100, (), (TAP,)), state(tap_port(), vlan_limit=""))
+        plan_tap_qinq(VmSpec(100, (), (TAP,)), state(tap_port(), vlan_limit="", probed=()))
 
 
 def test_tap_with_an_agent_port_under_its_name_is_not_taken_over():

@@ -63,7 +63,8 @@ def tap(vmid=100, vlan=PVE_TAG, owned=False):
 
 def ovs(*ports):
     return OvsState(bridges=(OvsBridge("vhostbr0", "netdev"), OvsBridge("vmbr0", "netdev")), ports=ports,
-                    other_config=FrozenMap({"vlan-limit": "2"}), iface_types=("dpdkvhostuserclient", "system"))
+                    other_config=FrozenMap({"vlan-limit": "2"}), iface_types=("dpdkvhostuserclient", "system"),
+                    probed_vlan_headers=FrozenMap({"netdev": "2"}), datapath_owners=FrozenMap({"netdev": "datapath"}))
 
 
 def node(*vms, running=(), busy=(), ports=(), sockets=(), remote=None, **kw) -> NodeState:
