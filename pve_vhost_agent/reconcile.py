@@ -16,22 +16,18 @@ VM's lock, after checking that again.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import ClassVar, Mapping, Union
 
 from pve_vhost_agent.argsplan import plan_args
 from pve_vhost_agent.argsync import sync_args
 from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hookinstall import is_agent_hook
 from pve_vhost_agent.ovsactions import OvsAction
 from pve_vhost_agent.ovsplan import plan_gc, plan_tap_qinq
 from pve_vhost_agent.ovsstate import OvsState
-from pve_vhost_agent.spec import Backend, ClusterSpec
+from pve_vhost_agent.settings import is_agent_hook
+from pve_vhost_agent.spec import Backend, ClusterSpec, socket_vmid
 from pve_vhost_agent.vmconfig import MAIN, VmConfig
-
-# QEMU's server sockets of backend `ovs`, as argsplan names them (spec.VhostNic.socket_name).
-SOCKET_NAME = re.compile(r"vm-([0-9]+)-([0-9]|[12][0-9]|3[01])\.sock")
 
 
 # --- what was observed ----------------------------------------------------------------
@@ -220,9 +216,9 @@ def _stale_sockets(state: NodeState, live: frozenset[int]) -> tuple[NodeAction, 
         return ()
     stale = []
     for name in sorted(state.ovs_sockets):
-        match = SOCKET_NAME.fullmatch(name)
-        if match and int(match.group(1)) not in live:
-            stale.append(DelSocket(int(match.group(1)), str(folder / name)))
+        vmid = socket_vmid(name)
+        if vmid is not None and vmid not in live:
+            stale.append(DelSocket(vmid, str(folder / name)))
     return tuple(sorted(stale, key=lambda a: (a.vmid, a.path)))
 
 

@@ -154,7 +154,11 @@ def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks"
         fields = line.split()
         if len(fields) < 6 or fields[1] != "FLOCK":
             continue
-        major, minor, inode = fields[5].split(":")
-        if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+        try:
+            major, minor, inode = fields[5].split(":")
+            found = (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue  # a line in a form this code does not know: not the VM lock
+        if found == wanted:
             return True
     return False

@@ -13,11 +13,10 @@ import click
 
 from pve_vhost_agent import declare, spec, specfile
 from pve_vhost_agent.errors import NotFound
-from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.settings import Settings, is_agent_hook
 from pve_vhost_agent.specstore import SpecUpdate, load_spec, update_spec
 from pve_vhost_agent.vmlayout import net_devices
 from pve_vhost_agent.cli.vm import report_args
-from pve_vhost_agent.hookinstall import is_agent_hook
 from pve_vhost_agent.vmargs import apply_vm_args, sync_for, vm_args
 from pve_vhost_agent.vmconfig import MAIN
 from pve_vhost_agent.vmstore import VmLocation, find_vm
