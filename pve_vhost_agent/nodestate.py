@@ -39,7 +39,7 @@ def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem 
         spec, problems = None, problems + [Problem.of(err)]
     vms, unreadable = _local_vms(settings)
     problems += unreadable
-    sockets = _ovs_sockets(settings)
+    sockets = ovs_sockets(settings)
     owned = {p.vmid for p in ovs.owned_ports() if p.vmid is not None} if ovs else set()
     local = {vm.vmid for vm in vms}
     busy, running = set(), set()
@@ -96,7 +96,8 @@ def _remote_nodes(settings: Settings, vmids: set[int]) -> dict[int, str]:
     return nodes
 
 
-def _ovs_sockets(settings: Settings) -> tuple[str, ...]:
+def ovs_sockets(settings: Settings) -> tuple[str, ...]:
+    """Names of the socket files QEMU serves (or left) in the `ovs` socket folder."""
     folder = settings.socket_dir(Backend.OVS.value)
     try:
         entries = list(folder.iterdir())

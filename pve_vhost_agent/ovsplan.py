@@ -5,7 +5,9 @@ they differ only in which one is called and when:
 
 - `plan_vhost_ports` (pre-start): the bridge, vlan-limit and vhost-user ports of a VM;
 - `plan_tap_qinq` (post-start, after Proxmox plugged its tap ports): QinQ on those taps;
-- `plan_vm` both; `plan_vm_removal` (post-stop) and `plan_gc` (the service) undo them.
+- `plan_vm` both; `plan_vm_removal` (post-stop) and `plan_gc` (the service) undo them;
+- `plan_live_vhost_ports` (service, `nic` commands): what of `plan_vhost_ports` a running
+  VM can take now, and what waits for its next start.
 
 The agent never edits or deletes a row it does not own (see ovsstate's external_ids).
 """
@@ -17,8 +19,8 @@ from typing import Iterable
 
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
 from pve_vhost_agent.ovsactions import (
-    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, OvsAction, ReplaceVhostPort, RestoreTapVlan,
-    SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
+    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, OvsAction,
+    ReplaceVhostPort, RestoreTapVlan, SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
 )
 from pve_vhost_agent.ovsstate import OWNS_DATAPATH, OWNS_PORT, OWNS_VLAN, VHOST_CLIENT, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.spec import Backend, VhostNic, VlanPolicy, VmSpec
@@ -69,6 +71,48 @@ def plan_vhost_ports(
         if port.owner == OWNS_PORT and port.name not in wanted:
             ports.append(DelPort(port.name, port.bridge))
     return _with_vlan_limit(state, qinq_datapaths, bridges + ports)
+
+
+def plan_live_vhost_ports(
+    spec: VmSpec, state: OvsState, socket_dir: Path, served: Iterable[str]
+) -> tuple[tuple[OvsAction, ...], tuple[str, ...]]:
+    """For a running VM: (the port changes safe now, what takes effect at its next start).
+
+    VLAN columns and MTU change in place, and a port QEMU serves a socket for (`served`:
+    socket file names) is added again when missing. A port the running QEMU is connected
+    to is never deleted or replaced, and bridges are made only at pre-start (a new one
+    must be probed with the right vlan-limit before any port of a running VM needs it).
+    """
+    now: list[OvsAction] = []
+    later: list[str] = []
+    sockets = set(served)
+    for action in plan_vhost_ports(spec, state, socket_dir):
+        why = _not_while_running(action, state, sockets)
+        if why:
+            later.append(f"VM {spec.vmid}: {why} takes effect at the next start")
+        else:
+            now.append(action)
+    if all(isinstance(a, _PREPARATIONS) for a in now):
+        now = []  # vlan-limit and datapath steps only serve port changes
+    return tuple(now), tuple(later)
+
+
+_PREPARATIONS = (SetVlanLimit, DropDatapath, EnsureDatapath, CheckVlanHeaders)
+
+
+def _not_while_running(action: OvsAction, state: OvsState, served: set[str]) -> str:
+    if isinstance(action, EnsureBridge):
+        return f"creating bridge {action.bridge}"
+    if isinstance(action, ReplaceVhostPort):
+        return f"re-creating port {action.port} ({action.reason})"
+    if isinstance(action, DelPort):
+        return f"removing port {action.port} (QEMU still has its NIC)"
+    if isinstance(action, AddVhostPort):
+        if state.bridge(action.bridge) is None:
+            return f"port {action.port} on the new bridge {action.bridge}"
+        if Path(action.socket).name not in served:
+            return f"port {action.port} (the running QEMU has no {action.nic} yet)"
+    return ""
 
 
 def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[OvsAction, ...]:

@@ -23,7 +23,7 @@ from pve_vhost_agent.argsplan import plan_args
 from pve_vhost_agent.argsync import sync_args
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.ovsactions import OvsAction
-from pve_vhost_agent.ovsplan import plan_gc, plan_tap_qinq
+from pve_vhost_agent.ovsplan import plan_gc, plan_live_vhost_ports, plan_tap_qinq
 from pve_vhost_agent.ovsstate import OvsState
 from pve_vhost_agent.settings import is_agent_hook
 from pve_vhost_agent.spec import Backend, ClusterSpec, socket_vmid
@@ -103,6 +103,16 @@ class WriteVmArgs:
 
 
 @dataclasses.dataclass(frozen=True)
+class ApplyVhostPorts:
+    """A running VM's vhost-user ports as declared again: VLAN and MTU in place, a missing
+    port QEMU serves a socket for added again (ovsplan.plan_live_vhost_ports)."""
+
+    vmid: int
+    actions: tuple[OvsAction, ...]
+    while_running: ClassVar[bool | None] = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ApplyTapQinQ:
     """QinQ back on a running VM's tap ports (Proxmox re-plugged them), or taps restored."""
 
@@ -130,7 +140,7 @@ class DelSocket:
     while_running: ClassVar[bool | None] = False
 
 
-NodeAction = Union[WriteVmArgs, ApplyTapQinQ, RemoveLeftovers, DelSocket]
+NodeAction = Union[WriteVmArgs, ApplyVhostPorts, ApplyTapQinQ, RemoveLeftovers, DelSocket]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +149,8 @@ class NodePlan:
     problems: tuple[Problem, ...] = ()
     # Busy VMs that have something to do once their lock is free: worth an early look.
     deferred: tuple[int, ...] = ()
+    # Declared changes a running VM gets only at its next start (one line each).
+    at_next_start: tuple[str, ...] = ()
 
 
 def plan_node(state: NodeState) -> NodePlan:
@@ -155,6 +167,7 @@ def _plan(state: NodeState) -> NodePlan:
     problems = list(state.problems)
     args: list[NodeAction] = []
     qinq: list[NodeAction] = []
+    later: list[str] = []
     for vm in state.enabled_vms:
         if vm.vmid in state.busy or state.spec is None:
             continue
@@ -163,6 +176,13 @@ def _plan(state: NodeState) -> NodePlan:
             if action:
                 args.append(action)
             if vm.vmid in state.running and state.ovs is not None:
+                folder = state.socket_dirs.get(Backend.OVS)
+                if folder is not None:
+                    ports, waiting = plan_live_vhost_ports(state.spec.for_vm(vm.vmid), state.ovs, folder,
+                                                           state.ovs_sockets)
+                    later += waiting
+                    if ports:
+                        qinq.append(ApplyVhostPorts(vm.vmid, ports))
                 taps = plan_tap_qinq(state.spec.for_vm(vm.vmid), state.ovs)
                 if taps:
                     qinq.append(ApplyTapQinQ(vm.vmid, taps))
@@ -172,6 +192,7 @@ def _plan(state: NodeState) -> NodePlan:
     return NodePlan(
         tuple(args) + tuple(qinq) + _leftovers(state, live) + _stale_sockets(state, live),
         tuple(problems),
+        at_next_start=tuple(later),
     )
 
 
@@ -228,7 +249,10 @@ def describe(action: NodeAction) -> str:
         return f"VM {action.vmid}: write its args line ({action.reason})"
     if isinstance(action, DelSocket):
         return f"VM {action.vmid}: remove the stale socket {action.path}"
-    steps = ", ".join(f"{type(a).__name__} {getattr(a, 'port', '')}".rstrip() for a in action.actions)
+    steps = ", ".join(f"{type(a).__name__} {getattr(a, 'port', getattr(a, 'datapath_type', ''))}".rstrip()
+                      for a in action.actions)
     if isinstance(action, ApplyTapQinQ):
         return f"VM {action.vmid}: tap ports as declared again: {steps}"
+    if isinstance(action, ApplyVhostPorts):
+        return f"VM {action.vmid}: vhost-user ports as declared again: {steps}"
     return f"{action.reason}: {steps}"

@@ -10,7 +10,7 @@ from pve_vhost_agent.ovsactions import (
     SetPortVlan, SetTapQinQ, SetVlanLimit, CheckVlanHeaders, DropDatapath, EnsureDatapath,
 )
 from pve_vhost_agent.ovsplan import (
-    plan_gc, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal, port_vlan,
+    plan_gc, plan_live_vhost_ports, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal, port_vlan,
 )
 from pve_vhost_agent.ovsstate import (
     FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan,
@@ -234,3 +234,28 @@ def test_saved_vlan_survives_its_external_ids_form():
         assert PortVlan.from_json(vlan.to_json()) == vlan
     assert PortVlan.from_json("{bad") is None
     assert PortVlan.from_json('{"mode": 1}') is None
+
+
+SERVED = {"vm-100-0.sock"}  # QEMU of the running VM serves net0's socket only
+LIVE_TABLE = [
+    ("VLAN and MTU change in place", (nic(vlan=VlanPolicy(tag=20), mtu=9000),), state(vhost_port(vlan=PortVlan("access", 10))),
+     (SetPortVlan("vhu100i0", PortVlan("access", 20)), SetPortMtu("vhu100i0", 9000)), ()),
+    ("a port deleted by hand comes back while QEMU serves its socket", (nic(),), state(), (add(nic()),), ()),
+    ("a NIC the running QEMU does not have waits", (nic(), nic(1)), state(vhost_port()), (),
+     ("VM 100: port vhu100i1 (the running QEMU has no net1 yet) takes effect at the next start",)),
+    ("a new bridge is made only at pre-start", (nic(bridge="newbr"),), state(), (),
+     ("VM 100: creating bridge newbr takes effect at the next start",
+      "VM 100: port vhu100i0 on the new bridge newbr takes effect at the next start")),
+    ("a connected port is never replaced", (nic(bridge="vmbr0", vlan=VlanPolicy(tag=20)),),
+     state(vhost_port()), (),
+     ("VM 100: re-creating port vhu100i0 (bridge vhostbr0 -> vmbr0) takes effect at the next start",)),
+    ("nor deleted", (), state(vhost_port()), (),
+     ("VM 100: removing port vhu100i0 (QEMU still has its NIC) takes effect at the next start",)),
+    ("datapath checks only come with a port change", (nic(vlan=QINQ_950),),
+     state(vhost_port(vlan=TUNNEL_950), probed=(), datapaths={}), (), ()),
+]
+
+
+@pytest.mark.parametrize("what, nics, observed, now, later", LIVE_TABLE, ids=[r[0] for r in LIVE_TABLE])
+def test_live_vhost_port_plans(what, nics, observed, now, later):
+    assert plan_live_vhost_ports(VmSpec(100, nics), observed, SOCKETS, SERVED) == (now, later)
