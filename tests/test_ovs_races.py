@@ -2,8 +2,11 @@
 a vlan-limit raised at runtime, two starts adding one bridge at once, and a tap's restore."""
 
 import threading
+import time
 
 import pytest
+
+from fixtures.ovs import _alive, run
 
 from pve_vhost_agent.errors import OvsRefused, OwnershipError
 from pve_vhost_agent.ovsactions import EnsureBridge, RestoreTapVlan, SetTapQinQ
@@ -48,6 +51,27 @@ def test_vlan_limit_raised_at_runtime_is_caught_through_the_agents_datapath_row(
     assert _datapath_row(inst) == {"capabilities": _datapath_row(inst)["capabilities"],
                                    "external_ids": {OWNER: "datapath"}}
     assert _datapath_row(inst)["capabilities"]["max_vlan_headers"] == "1"
+
+    # The fix the message names: ovs-vswitchd restarted probes anew and refreshes the row.
+    _restart_vswitchd(inst)
+    with Ovsdb(inst.remote, timeout=10) as db:
+        db.apply(plan_tap_qinq(TAP_QINQ, db.snapshot()))
+        assert plan_tap_qinq(TAP_QINQ, db.snapshot()) == ()
+    assert _datapath_row(inst)["capabilities"]["max_vlan_headers"] == "2"
+    assert inst.get("Port", "tap100i1", "tag", "vlan_mode") == {"tag": 950, "vlan_mode": "dot1q-tunnel"}
+
+
+def _restart_vswitchd(inst):
+    """`systemctl restart openvswitch-switch` for a private instance: same binary, same namespace."""
+    inst.appctl("exit")
+    old = inst.pids["ovs-vswitchd"]
+    deadline = time.monotonic() + 10
+    while _alive(old) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run("ip", "netns", "exec", inst.netns, "ovs-vswitchd", inst.remote, "-vconsole:off", "--pidfile", "--detach",
+        "--log-file", env=inst.env, timeout=60)
+    inst.pids["ovs-vswitchd"] = int((inst.run_dir / "ovs-vswitchd.pid").read_text())
+    inst.vsctl("set", "Open_vSwitch", ".", "external_ids:h11of-restarted=1")  # returns once vswitchd applied it
 
 
 def test_vlan_limit_set_before_the_datapath_is_proven_and_then_planned_no_more(fresh_ovs):
