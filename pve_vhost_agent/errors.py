@@ -110,3 +110,11 @@ class OvsRefused(AgentError):
     """Open vSwitch is set up in a way the spec cannot safely be applied to (vlan-limit, datapath)."""
 
     exit_code = ExitCode.REFUSED
+
+
+class VmBusy(AgentTimeout):
+    """Proxmox's lock of the VM is held by someone else (a start, stop, migration or `qm set`)."""
+
+
+class VmChanged(ConfigConflict):
+    """The VM started or stopped between the agent's plan and its change."""

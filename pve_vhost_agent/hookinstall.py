@@ -15,7 +15,7 @@ from pve_vhost_agent import pvefs, storagecfg
 from pve_vhost_agent.argsplan import ArgsPlan
 from pve_vhost_agent.argsync import sync_args
 from pve_vhost_agent.errors import ConfigConflict, NotFound
-from pve_vhost_agent.settings import HOOK_NAME, Settings
+from pve_vhost_agent.settings import HOOK_NAME, Settings, hook_volume, is_agent_hook
 from pve_vhost_agent.specstore import load_spec, update_spec
 from pve_vhost_agent.vmargs import qemu_version_for, sync_for
 from pve_vhost_agent.vmconfig import MAIN, VmConfig
@@ -34,14 +34,6 @@ def hook_source() -> Path:
             return path
     raise NotFound(f"the hookscript is not at {' nor '.join(map(str, HOOK_SOURCES))}",
                    "reinstall the package: apt install --reinstall pve-vhost-agent")
-
-
-def volume(storage: str) -> str:
-    return f"{storage}:snippets/{HOOK_NAME}"
-
-
-def is_agent_hook(value: str | None) -> bool:
-    return bool(value) and value.split(":", 1)[-1] == f"snippets/{HOOK_NAME}"
 
 
 def install(settings: Settings, storage: str, dry_run: bool = False) -> tuple[Path, bool]:
@@ -64,7 +56,7 @@ def install(settings: Settings, storage: str, dry_run: bool = False) -> tuple[Pa
 
 
 def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -> list[str]:
-    ours = volume(storage)
+    ours = hook_volume(storage)
     location = find_vm(settings, vmid)
     before = location.config.section(MAIN).get("hookscript")
     cluster = load_spec(settings)

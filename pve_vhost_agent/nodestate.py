@@ -11,9 +11,9 @@ from pve_vhost_agent import pvefs, qemu
 from pve_vhost_agent.errors import AgentError, OvsUnavailable
 from pve_vhost_agent.ovsdb import UNREACHABLE_FIX, Ovsdb
 from pve_vhost_agent.ovsstate import OvsState
-from pve_vhost_agent.reconcile import SOCKET_NAME, LocalVm, NodeState, Problem
+from pve_vhost_agent.reconcile import LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import Backend, ClusterSpec
+from pve_vhost_agent.spec import Backend, ClusterSpec, socket_vmid
 from pve_vhost_agent.specstore import load_spec
 from pve_vhost_agent.vmconfig import VmConfig
 from pve_vhost_agent.vmstore import vm_busy, vm_running
@@ -39,11 +39,11 @@ def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem 
         spec, problems = None, problems + [Problem.of(err)]
     vms, unreadable = _local_vms(settings)
     problems += unreadable
-    sockets = _ovs_sockets(settings)
+    sockets = ovs_sockets(settings)
     owned = {p.vmid for p in ovs.owned_ports() if p.vmid is not None} if ovs else set()
     local = {vm.vmid for vm in vms}
     busy, running = set(), set()
-    for vmid in sorted(local | owned | {int(SOCKET_NAME.fullmatch(s).group(1)) for s in sockets}):
+    for vmid in sorted(local | owned | {socket_vmid(s) for s in sockets}):
         try:
             if vm_busy(settings, vmid):  # before the pidfile: see the module's doc
                 busy.add(vmid)
@@ -96,7 +96,8 @@ def _remote_nodes(settings: Settings, vmids: set[int]) -> dict[int, str]:
     return nodes
 
 
-def _ovs_sockets(settings: Settings) -> tuple[str, ...]:
+def ovs_sockets(settings: Settings) -> tuple[str, ...]:
+    """Names of the socket files QEMU serves (or left) in the `ovs` socket folder."""
     folder = settings.socket_dir(Backend.OVS.value)
     try:
         entries = list(folder.iterdir())
@@ -104,4 +105,4 @@ def _ovs_sockets(settings: Settings) -> tuple[str, ...]:
         return ()
     except OSError as err:
         raise AgentError(f"cannot list {folder}: {err.strerror}", "run the agent as root") from err
-    return tuple(sorted(p.name for p in entries if SOCKET_NAME.fullmatch(p.name) and p.is_socket()))
+    return tuple(sorted(p.name for p in entries if socket_vmid(p.name) is not None and p.is_socket()))

@@ -26,6 +26,7 @@ def node_summary(state: NodeState, plan: NodePlan, failures: Sequence[Problem] =
         "qinq_taps": None,
         "pending": [repr(action) for action in plan.actions],
         "problems": [str(p) for p in (*plan.problems, *failures)],
+        "at_next_start": list(plan.at_next_start),
     }
     if state.ovs is not None:
         owned = state.ovs.owned_ports()

@@ -24,6 +24,34 @@ class SetVlanLimit:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnsureDatapath:
+    """The agent's own Datapath row for this datapath type, so ovs-vswitchd reports the
+    VLAN depth it probed (`capabilities:max_vlan_headers`); a foreign row is left alone."""
+
+    datapath_type: str
+    # ovs-vswitchd fills capabilities while applying the new row: the check reads them next.
+    barrier: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DropDatapath:
+    """Remove the agent's Datapath row that ovs-vswitchd left empty (it was made before
+    the datapath ran; ovs-vswitchd fills only a row new to it)."""
+
+    datapath_type: str
+    barrier: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckVlanHeaders:
+    """Stop the plan here unless the datapath reports at least `needed` VLAN headers."""
+
+    datapath_type: str
+    needed: int
+    barrier: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
 class EnsureBridge:
     """A bridge with this datapath type (may exist: then nothing happens)."""
 
@@ -112,6 +140,6 @@ class DelPort:
 
 
 OvsAction = Union[
-    SetVlanLimit, EnsureBridge, AddVhostPort, ReplaceVhostPort, SetPortVlan, SetPortMtu,
+    SetVlanLimit, DropDatapath, EnsureDatapath, CheckVlanHeaders, EnsureBridge, AddVhostPort, ReplaceVhostPort, SetPortVlan, SetPortMtu,
     SetTapQinQ, RestoreTapVlan, DelPort,
 ]

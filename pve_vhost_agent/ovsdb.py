@@ -13,12 +13,13 @@ the agent registers only columns that server has.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import select
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import ovs.db.idl
 import ovs.jsonrpc
@@ -35,10 +36,14 @@ log = logging.getLogger(__name__)
 
 DATABASE = "Open_vSwitch"
 MAX_ATTEMPTS = 5  # TRY_AGAIN retries of one step
+# Bound for ovsdb-server's answer to a commit made under a guard (Proxmox's VM lock, which
+# `qm start` waits only 10 s for); the wait for ovs-vswitchd comes after the guard.
+GUARDED_COMMIT = 2.0
 UNREACHABLE_FIX = "is openvswitch-switch running? (systemctl status openvswitch-switch)"
 VSWITCHD_FIX = "is ovs-vswitchd running? (systemctl status openvswitch-switch; /var/log/openvswitch/ovs-vswitchd.log)"
 
 Txn = ovs.db.idl.Transaction
+Guard = Callable[[], ContextManager[Any]]
 
 
 class Ovsdb:
@@ -114,42 +119,47 @@ class Ovsdb:
 
     # --- writing --------------------------------------------------------------------
 
-    def apply(self, actions: Sequence[OvsAction]) -> None:
+    def apply(self, actions: Sequence[OvsAction], guard: Guard | None = None) -> None:
         """Apply a plan: one transaction per step, each waited for until ovs-vswitchd has it.
 
         A step ends after an action the next one depends on (`barrier`): vlan-limit
         before a datapath exists, a bridge before its ports, a removed port before the
-        same name is added with a new socket path.
+        same name is added with a new socket path. `guard` is entered around each
+        step's build and commit only, never around the wait for ovs-vswitchd.
         """
         for step in _steps(actions):
             what = ", ".join(f"{type(a).__name__} {_subject(a)}" for a in step[:3])
             if len(step) > 3:
                 what += f" and {len(step) - 3} more"
-            self.transact(lambda view, step=step: [write(view, a) for a in step], what)
+            self.transact(lambda view, step=step: [write(view, a) for a in step], what, guard=guard)
             log.debug("applied %s", what)
 
-    def transact(self, build: Callable[[TxnView], Any], what: str, *, wait_vswitchd: bool = True) -> bool:
+    def transact(self, build: Callable[[TxnView], Any], what: str, *, wait_vswitchd: bool = True,
+                 guard: Guard | None = None) -> bool:
         """Run `build` on a new transaction and commit it; True when something changed.
 
         TRY_AGAIN (a verified column changed meanwhile, or the connection dropped) calls
         `build` again on fresh rows, a bounded number of times; every other failure
         raises. With `wait_vswitchd`, returns only after ovs-vswitchd applied the change.
+        Inside `guard` (e.g. a VM lock) the commit waits at most GUARDED_COMMIT seconds.
         """
         idl = self._connected()
         deadline = time.monotonic() + self.timeout
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            idl.run()
-            seqno = idl.change_seqno
-            txn = Txn(idl)
-            try:
-                txn.add_comment(f"pve-vhost-agent: {what}")
-                build(TxnView(idl, txn, self.remote))
-                if wait_vswitchd:
-                    root_row(idl, self.remote).increment("next_cfg")
-            except BaseException:
-                txn.abort()
-                raise
-            status = self._commit(txn, deadline, what)
+            with guard() if guard else contextlib.nullcontext():
+                idl.run()
+                seqno = idl.change_seqno
+                txn = Txn(idl)
+                try:
+                    txn.add_comment(f"pve-vhost-agent: {what}")
+                    build(TxnView(idl, txn, self.remote))
+                    if wait_vswitchd:
+                        root_row(idl, self.remote).increment("next_cfg")
+                except BaseException:
+                    txn.abort()
+                    raise
+                bound = min(deadline, time.monotonic() + GUARDED_COMMIT) if guard else deadline
+                status = self._commit(txn, bound, what)
             if status == Txn.UNCHANGED:
                 return False
             if status == Txn.SUCCESS:
@@ -247,11 +257,12 @@ class Ovsdb:
 
     def _commit(self, txn: Any, deadline: float, what: str) -> str:
         idl = self._idl
+        bound = deadline - time.monotonic()
         status = txn.commit()
         while status == Txn.INCOMPLETE:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AgentTimeout(f"OVSDB at {self.remote} did not answer {what} within {self.timeout:g} s",
+                raise AgentTimeout(f"OVSDB at {self.remote} did not answer {what} within {bound:.3g} s",
                                    f"it may still apply it; {UNREACHABLE_FIX}")
             idl.run()
             poller = ovs.poller.Poller()
@@ -285,7 +296,7 @@ def _steps(actions: Sequence[OvsAction]) -> Iterator[list[OvsAction]]:
 
 
 def _subject(action: OvsAction) -> str:
-    for field in ("port", "bridge", "limit"):
+    for field in ("port", "bridge", "limit", "datapath_type"):
         if hasattr(action, field):
             return str(getattr(action, field))
     return ""

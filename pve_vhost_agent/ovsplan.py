@@ -5,7 +5,9 @@ they differ only in which one is called and when:
 
 - `plan_vhost_ports` (pre-start): the bridge, vlan-limit and vhost-user ports of a VM;
 - `plan_tap_qinq` (post-start, after Proxmox plugged its tap ports): QinQ on those taps;
-- `plan_vm` both; `plan_vm_removal` (post-stop) and `plan_gc` (the service) undo them.
+- `plan_vm` both; `plan_vm_removal` (post-stop) and `plan_gc` (the service) undo them;
+- `plan_live_vhost_ports` (service, `nic` commands): what of `plan_vhost_ports` a running
+  VM can take now, and what waits for its next start.
 
 The agent never edits or deletes a row it does not own (see ovsstate's external_ids).
 """
@@ -17,10 +19,10 @@ from typing import Iterable
 
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
 from pve_vhost_agent.ovsactions import (
-    AddVhostPort, DelPort, EnsureBridge, OvsAction, ReplaceVhostPort, RestoreTapVlan,
-    SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
+    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, OvsAction,
+    ReplaceVhostPort, RestoreTapVlan, SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
 )
-from pve_vhost_agent.ovsstate import OWNS_PORT, OWNS_VLAN, VHOST_CLIENT, OvsPort, OvsState, PortVlan
+from pve_vhost_agent.ovsstate import OWNS_DATAPATH, OWNS_PORT, OWNS_VLAN, VHOST_CLIENT, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.spec import Backend, VhostNic, VlanPolicy, VmSpec
 
 VHOST_DATAPATH = "netdev"  # vhost-user ports need the userspace datapath
@@ -68,7 +70,49 @@ def plan_vhost_ports(
     for port in state.owned_ports(spec.vmid):
         if port.owner == OWNS_PORT and port.name not in wanted:
             ports.append(DelPort(port.name, port.bridge))
-    return _vlan_limit(state, qinq_datapaths) + tuple(bridges) + tuple(ports)
+    return _with_vlan_limit(state, qinq_datapaths, bridges + ports)
+
+
+def plan_live_vhost_ports(
+    spec: VmSpec, state: OvsState, socket_dir: Path, served: Iterable[str]
+) -> tuple[tuple[OvsAction, ...], tuple[str, ...]]:
+    """For a running VM: (the port changes safe now, what takes effect at its next start).
+
+    VLAN columns and MTU change in place, and a port QEMU serves a socket for (`served`:
+    socket file names) is added again when missing. A port the running QEMU is connected
+    to is never deleted or replaced, and bridges are made only at pre-start (a new one
+    must be probed with the right vlan-limit before any port of a running VM needs it).
+    """
+    now: list[OvsAction] = []
+    later: list[str] = []
+    sockets = set(served)
+    for action in plan_vhost_ports(spec, state, socket_dir):
+        why = _not_while_running(action, state, sockets)
+        if why:
+            later.append(f"VM {spec.vmid}: {why} takes effect at the next start")
+        else:
+            now.append(action)
+    if all(isinstance(a, _PREPARATIONS) for a in now):
+        now = []  # vlan-limit and datapath steps only serve port changes
+    return tuple(now), tuple(later)
+
+
+_PREPARATIONS = (SetVlanLimit, DropDatapath, EnsureDatapath, CheckVlanHeaders)
+
+
+def _not_while_running(action: OvsAction, state: OvsState, served: set[str]) -> str:
+    if isinstance(action, EnsureBridge):
+        return f"creating bridge {action.bridge}"
+    if isinstance(action, ReplaceVhostPort):
+        return f"re-creating port {action.port} ({action.reason})"
+    if isinstance(action, DelPort):
+        return f"removing port {action.port} (QEMU still has its NIC)"
+    if isinstance(action, AddVhostPort):
+        if state.bridge(action.bridge) is None:
+            return f"port {action.port} on the new bridge {action.bridge}"
+        if Path(action.socket).name not in served:
+            return f"port {action.port} (the running QEMU has no {action.nic} yet)"
+    return ""
 
 
 def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[OvsAction, ...]:
@@ -95,7 +139,7 @@ def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[OvsAction, ...]:
     for port in state.owned_ports(spec.vmid):
         if port.owner == OWNS_VLAN and port.name not in wanted:
             actions.append(_restore(port))
-    return _vlan_limit(state, datapaths) + tuple(actions)
+    return _with_vlan_limit(state, datapaths, actions)
 
 
 def plan_vm_removal(vmid: int, state: OvsState) -> tuple[OvsAction, ...]:
@@ -166,6 +210,13 @@ def _check_vhost_support(state: OvsState) -> None:
         )
 
 
+def _with_vlan_limit(state: OvsState, qinq_datapaths: set[str], actions: list[OvsAction]) -> tuple[OvsAction, ...]:
+    limit = _vlan_limit(state, qinq_datapaths)
+    if not actions:  # nothing to change: no need to learn what a datapath probed
+        limit = tuple(a for a in limit if isinstance(a, SetVlanLimit))
+    return limit + tuple(actions)
+
+
 def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[OvsAction, ...]:
     """vlan-limit for QinQ on ports of these datapath types; refuse what is not safe.
 
@@ -173,11 +224,16 @@ def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[OvsAction, .
     vlan-limit; raising the limit later breaks double-tagged flows on that datapath.
     So the agent sets it only while no datapath exists (or every one in use was
     already probed with two headers), and otherwise says how to fix it.
+
+    A limit of 2 proves nothing about a datapath already running (it may have been set
+    at runtime): only a Datapath row's capabilities say what was probed. OVS has no such
+    row by default, so the agent makes its own and checks what ovs-vswitchd reports.
     """
     if not qinq_datapaths:
         return ()
     limit = state.vlan_limit
     if limit == 0 or limit >= QINQ_VLAN_LIMIT:
+        actions: list[OvsAction] = []
         for dp in sorted(qinq_datapaths):
             probed = state.probed_headers(dp)
             if probed is not None and probed < QINQ_VLAN_LIMIT:
@@ -186,7 +242,13 @@ def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[OvsAction, .
                     f"(other_config:vlan-limit was set after ovs-vswitchd created it)",
                     RESTART_FIX,
                 )
-        return ()
+            # A datapath not running yet is probed with this limit when the bridge comes.
+            owner = state.datapath_owners.get(dp)
+            if probed is None and dp in state.datapaths_in_use() and owner in (None, OWNS_DATAPATH):
+                # ovs-vswitchd fills only a row new to it: an empty one of ours is made anew.
+                renew = (DropDatapath(dp),) if owner else ()
+                actions += [*renew, EnsureDatapath(dp), CheckVlanHeaders(dp, QINQ_VLAN_LIMIT)]
+        return tuple(actions)
     in_use = state.datapaths_in_use()
     if all((state.probed_headers(dp) or 0) >= QINQ_VLAN_LIMIT for dp in in_use):
         return (SetVlanLimit(QINQ_VLAN_LIMIT, state.other_config.get("vlan-limit", "")),)

@@ -12,11 +12,12 @@ from typing import Any, Callable
 
 from pve_vhost_agent.errors import NotFound, OvsRefused, OvsUnavailable, OwnershipError
 from pve_vhost_agent.ovsactions import (
-    AddVhostPort, DelPort, EnsureBridge, OvsAction, ReplaceVhostPort, RestoreTapVlan,
+    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, OvsAction, ReplaceVhostPort, RestoreTapVlan,
     SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
 )
+from pve_vhost_agent.ovsplan import RESTART_FIX
 from pve_vhost_agent.ovsstate import (
-    NIC, OWNER, OWNS_BRIDGE, OWNS_PORT, OWNS_VLAN, QINQ_ETHTYPE, SAVED_VLAN, VHOST_CLIENT,
+    MAX_VLAN_HEADERS, NIC, OWNER, OWNS_BRIDGE, OWNS_DATAPATH, OWNS_PORT, OWNS_VLAN, QINQ_ETHTYPE, SAVED_VLAN, VHOST_CLIENT,
     VHOST_SERVER_PATH, VLAN_LIMIT_WAS, VMID, FrozenMap, OvsBridge, OvsInterface, OvsPort,
     OvsState, PortVlan,
 )
@@ -30,7 +31,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "name", "type", "options", "status", "external_ids", "ofport", "mtu", "mtu_request",
         "link_state", "admin_state", "error",
     ),
-    "Datapath": ("capabilities",),
+    "Datapath": ("datapath_version", "capabilities", "external_ids"),
 }
 VLAN_COLUMNS = ("vlan_mode", "tag", "trunks", "cvlans", "other_config")
 
@@ -94,11 +95,12 @@ def read_state(idl: Any, remote: str) -> OvsState:
                 tuple(_interface(i) for i in row.interfaces))
         for row in idl.tables["Port"].rows.values()
     ]
-    probed = {}
+    probed, dp_owners = {}, {}
     for dp_type, dp_row in _col(root, "datapaths", {}).items():
-        headers = _col(dp_row, "capabilities", {}).get("max_vlan_headers")
+        headers = _col(dp_row, "capabilities", {}).get(MAX_VLAN_HEADERS)
         if headers is not None:
             probed[dp_type] = headers
+        dp_owners[dp_type] = _col(dp_row, "external_ids", {}).get(OWNER, "")
     return OvsState(
         bridges=tuple(sorted(bridges, key=lambda b: b.name)),
         ports=tuple(sorted(ports, key=lambda p: p.name)),
@@ -106,6 +108,7 @@ def read_state(idl: Any, remote: str) -> OvsState:
         external_ids=FrozenMap(root.external_ids),
         iface_types=tuple(sorted(root.iface_types)),
         probed_vlan_headers=FrozenMap(probed),
+        datapath_owners=FrozenMap(dp_owners),
         next_cfg=root.next_cfg,
         cur_cfg=root.cur_cfg,
     )
@@ -169,6 +172,35 @@ def _set_vlan_limit(view: TxnView, a: SetVlanLimit) -> None:
     view.root.setkey("external_ids", VLAN_LIMIT_WAS, a.was)
 
 
+def _ensure_datapath(view: TxnView, a: EnsureDatapath) -> None:
+    view.root.verify("datapaths")  # a concurrent insert for the same type: TRY_AGAIN
+    rows = dict(view.root.datapaths)
+    if a.datapath_type not in rows:
+        rows[a.datapath_type] = view.insert("Datapath", datapath_version="", external_ids={OWNER: OWNS_DATAPATH})
+        view.root.datapaths = rows
+
+
+def _drop_datapath(view: TxnView, a: DropDatapath) -> None:
+    view.root.verify("datapaths")
+    rows = dict(view.root.datapaths)
+    row = rows.get(a.datapath_type)
+    if row is not None and row.external_ids.get(OWNER) == OWNS_DATAPATH and not row.capabilities:
+        del rows[a.datapath_type]  # not a root table: OVSDB drops the row with its last reference
+        view.root.datapaths = rows
+
+
+def _check_vlan_headers(view: TxnView, a: CheckVlanHeaders) -> None:
+    row = dict(view.root.datapaths).get(a.datapath_type)
+    text = row.capabilities.get(MAX_VLAN_HEADERS, "") if row is not None else ""
+    if not text.isdigit():
+        raise OvsRefused(f"QinQ needs two VLAN headers, but ovs-vswitchd does not report the depth its "
+                         f"{a.datapath_type} datapath was probed with", RESTART_FIX)
+    if int(text) < a.needed:
+        raise OvsRefused(f"QinQ needs {a.needed} VLAN headers, but the {a.datapath_type} datapath was probed "
+                         f"with {text} (other_config:vlan-limit was changed after ovs-vswitchd created it)",
+                         RESTART_FIX)
+
+
 def _ensure_bridge(view: TxnView, a: EnsureBridge) -> None:
     row = view.bridges.get(a.bridge)
     if row is not None:
@@ -181,6 +213,9 @@ def _ensure_bridge(view: TxnView, a: EnsureBridge) -> None:
     port = view.insert("Port", name=a.bridge, interfaces=[iface])
     bridge = view.insert("Bridge", name=a.bridge, ports=[port], datapath_type=a.datapath_type,
                          external_ids={OWNER: OWNS_BRIDGE})
+    # Two starts adding the same bridge at once: the second gets TRY_AGAIN (and then finds
+    # the bridge) instead of an ERROR from the unique name index.
+    view.root.verify("bridges")
     view.root.addvalue("bridges", bridge)
     view.bridges[a.bridge] = bridge
 
@@ -236,8 +271,12 @@ def _restore_tap_vlan(view: TxnView, a: RestoreTapVlan) -> None:
     row = _owned_port(view, a.port, OWNS_VLAN, missing_ok=True)
     if row is None or row.external_ids.get(OWNER) != OWNS_VLAN:
         return  # gone, or re-plugged by Proxmox with its own settings: nothing to undo
+    # The action's value is what was shown (plan, --dry-run, log): write that or nothing.
     saved = PortVlan.from_json(row.external_ids.get(SAVED_VLAN, "")) or PortVlan()
-    _write_vlan(row, saved)
+    if saved != a.vlan:
+        raise OwnershipError(f"OVS port {a.port} now saves VLAN settings ({saved}) other than the planned ({a.vlan})",
+                             "run the command again (it plans from the port as it is now)")
+    _write_vlan(row, a.vlan)
     for key in (OWNER, VMID, NIC, SAVED_VLAN):
         row.delkey("external_ids", key)
 
@@ -256,6 +295,9 @@ def _del_port(view: TxnView, a: DelPort | ReplaceVhostPort) -> None:
 
 _WRITERS: dict[type, Callable[[TxnView, Any], None]] = {
     SetVlanLimit: _set_vlan_limit,
+    EnsureDatapath: _ensure_datapath,
+    DropDatapath: _drop_datapath,
+    CheckVlanHeaders: _check_vlan_headers,
     EnsureBridge: _ensure_bridge,
     AddVhostPort: _add_vhost_port,
     ReplaceVhostPort: _del_port,  # the add follows in the next step (see Ovsdb.apply)

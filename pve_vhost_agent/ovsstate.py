@@ -19,10 +19,12 @@ SAVED_VLAN = PREFIX + "saved-vlan"  # a tap port's VLAN settings before the agen
 VLAN_LIMIT_WAS = PREFIX + "vlan-limit-was"  # on the Open_vSwitch row, '' when it was unset
 
 OWNS_BRIDGE = "bridge"  # a bridge the agent created
+OWNS_DATAPATH = "datapath"  # a Datapath row the agent created (to read the probed VLAN depth)
 OWNS_PORT = "port"  # a port (and its interface) the agent created: it may delete it
 OWNS_VLAN = "vlan"  # only the VLAN columns of someone else's port (Proxmox's tap)
 
 QINQ_ETHTYPE = "qinq-ethtype"  # Port other_config key
+MAX_VLAN_HEADERS = "max_vlan_headers"  # Datapath capabilities key
 VHOST_CLIENT = "dpdkvhostuserclient"
 VHOST_SERVER_PATH = "vhost-server-path"  # Interface options key
 DEFAULT_VLAN_LIMIT = 1  # what ovs-vswitchd assumes when other_config:vlan-limit is absent
@@ -177,6 +179,8 @@ class OvsState:
     iface_types: tuple[str, ...] = ()  # '' until ovs-vswitchd has run once
     # VLAN headers each datapath type was probed with, when a Datapath row reports it.
     probed_vlan_headers: FrozenMap = FrozenMap()
+    # Datapath rows by datapath type: their owner mark ('' for a row someone else made).
+    datapath_owners: FrozenMap = FrozenMap()
     next_cfg: int = 0
     cur_cfg: int = 0
 

@@ -16,22 +16,18 @@ VM's lock, after checking that again.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import ClassVar, Mapping, Union
 
 from pve_vhost_agent.argsplan import plan_args
 from pve_vhost_agent.argsync import sync_args
 from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hookinstall import is_agent_hook
 from pve_vhost_agent.ovsactions import OvsAction
-from pve_vhost_agent.ovsplan import plan_gc, plan_tap_qinq
+from pve_vhost_agent.ovsplan import plan_gc, plan_live_vhost_ports, plan_tap_qinq
 from pve_vhost_agent.ovsstate import OvsState
-from pve_vhost_agent.spec import Backend, ClusterSpec
+from pve_vhost_agent.settings import is_agent_hook
+from pve_vhost_agent.spec import Backend, ClusterSpec, socket_vmid
 from pve_vhost_agent.vmconfig import MAIN, VmConfig
-
-# QEMU's server sockets of backend `ovs`, as argsplan names them (spec.VhostNic.socket_name).
-SOCKET_NAME = re.compile(r"vm-([0-9]+)-([0-9]|[12][0-9]|3[01])\.sock")
 
 
 # --- what was observed ----------------------------------------------------------------
@@ -107,6 +103,16 @@ class WriteVmArgs:
 
 
 @dataclasses.dataclass(frozen=True)
+class ApplyVhostPorts:
+    """A running VM's vhost-user ports as declared again: VLAN and MTU in place, a missing
+    port QEMU serves a socket for added again (ovsplan.plan_live_vhost_ports)."""
+
+    vmid: int
+    actions: tuple[OvsAction, ...]
+    while_running: ClassVar[bool | None] = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ApplyTapQinQ:
     """QinQ back on a running VM's tap ports (Proxmox re-plugged them), or taps restored."""
 
@@ -134,7 +140,7 @@ class DelSocket:
     while_running: ClassVar[bool | None] = False
 
 
-NodeAction = Union[WriteVmArgs, ApplyTapQinQ, RemoveLeftovers, DelSocket]
+NodeAction = Union[WriteVmArgs, ApplyVhostPorts, ApplyTapQinQ, RemoveLeftovers, DelSocket]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +149,8 @@ class NodePlan:
     problems: tuple[Problem, ...] = ()
     # Busy VMs that have something to do once their lock is free: worth an early look.
     deferred: tuple[int, ...] = ()
+    # Declared changes a running VM gets only at its next start (one line each).
+    at_next_start: tuple[str, ...] = ()
 
 
 def plan_node(state: NodeState) -> NodePlan:
@@ -159,6 +167,7 @@ def _plan(state: NodeState) -> NodePlan:
     problems = list(state.problems)
     args: list[NodeAction] = []
     qinq: list[NodeAction] = []
+    later: list[str] = []
     for vm in state.enabled_vms:
         if vm.vmid in state.busy or state.spec is None:
             continue
@@ -167,6 +176,13 @@ def _plan(state: NodeState) -> NodePlan:
             if action:
                 args.append(action)
             if vm.vmid in state.running and state.ovs is not None:
+                folder = state.socket_dirs.get(Backend.OVS)
+                if folder is not None:
+                    ports, waiting = plan_live_vhost_ports(state.spec.for_vm(vm.vmid), state.ovs, folder,
+                                                           state.ovs_sockets)
+                    later += waiting
+                    if ports:
+                        qinq.append(ApplyVhostPorts(vm.vmid, ports))
                 taps = plan_tap_qinq(state.spec.for_vm(vm.vmid), state.ovs)
                 if taps:
                     qinq.append(ApplyTapQinQ(vm.vmid, taps))
@@ -176,6 +192,7 @@ def _plan(state: NodeState) -> NodePlan:
     return NodePlan(
         tuple(args) + tuple(qinq) + _leftovers(state, live) + _stale_sockets(state, live),
         tuple(problems),
+        at_next_start=tuple(later),
     )
 
 
@@ -220,9 +237,9 @@ def _stale_sockets(state: NodeState, live: frozenset[int]) -> tuple[NodeAction, 
         return ()
     stale = []
     for name in sorted(state.ovs_sockets):
-        match = SOCKET_NAME.fullmatch(name)
-        if match and int(match.group(1)) not in live:
-            stale.append(DelSocket(int(match.group(1)), str(folder / name)))
+        vmid = socket_vmid(name)
+        if vmid is not None and vmid not in live:
+            stale.append(DelSocket(vmid, str(folder / name)))
     return tuple(sorted(stale, key=lambda a: (a.vmid, a.path)))
 
 
@@ -232,7 +249,10 @@ def describe(action: NodeAction) -> str:
         return f"VM {action.vmid}: write its args line ({action.reason})"
     if isinstance(action, DelSocket):
         return f"VM {action.vmid}: remove the stale socket {action.path}"
-    steps = ", ".join(f"{type(a).__name__} {getattr(a, 'port', '')}".rstrip() for a in action.actions)
+    steps = ", ".join(f"{type(a).__name__} {getattr(a, 'port', getattr(a, 'datapath_type', ''))}".rstrip()
+                      for a in action.actions)
     if isinstance(action, ApplyTapQinQ):
         return f"VM {action.vmid}: tap ports as declared again: {steps}"
+    if isinstance(action, ApplyVhostPorts):
+        return f"VM {action.vmid}: vhost-user ports as declared again: {steps}"
     return f"{action.reason}: {steps}"

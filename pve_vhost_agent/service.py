@@ -9,7 +9,6 @@ action, with exit code 0.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import logging
@@ -23,19 +22,19 @@ from typing import Callable
 
 from systemd import daemon
 
-from pve_vhost_agent.errors import AgentError, AgentTimeout, ExitCode, OvsUnavailable
+from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable, VmBusy, VmChanged
 from pve_vhost_agent.journal import context_logger, setup_logging, timed_action
 from pve_vhost_agent.nodestate import observe_node, observe_ovs
 from pve_vhost_agent.nodestatus import node_summary, status_line
 from pve_vhost_agent.ovsdb import UNREACHABLE_FIX, Ovsdb
 from pve_vhost_agent.reconcile import (
-    ApplyTapQinQ, DelSocket, NodeAction, NodePlan, NodeState, Problem, RemoveLeftovers,
+    ApplyTapQinQ, ApplyVhostPorts, DelSocket, NodeAction, NodePlan, NodeState, Problem, RemoveLeftovers,
     WriteVmArgs, describe, plan_node,
 )
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.spec import ClusterSpec
 from pve_vhost_agent.vmargs import apply_vm_args
-from pve_vhost_agent.vmstore import vm_busy, vm_lock, vm_running
+from pve_vhost_agent.vmstore import vm_busy, vm_guard
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +84,7 @@ class Service:
         self._seqno = 0  # the OVSDB version of the last observation
         self._deferred: tuple[int, ...] = ()  # busy VMs with work waiting, from the last pass
         self._reported: set[str] = set()
+        self._told_later: set[str] = set()
 
     def __enter__(self) -> "Service":
         return self
@@ -128,6 +128,9 @@ class Service:
             plan = plan_node(state)
         report = PassReport(state, plan, tuple(failures), when)
         self._log_problems(report.problems)
+        for note in sorted(set(plan.at_next_start) - self._told_later):
+            log.info("%s", note, extra={"result": "at next start"})
+        self._told_later = set(plan.at_next_start)
         self._deferred = plan.deferred
         return report
 
@@ -168,20 +171,24 @@ class Service:
             # Takes the VM lock and plans again under it, exactly as `apply` does.
             result = apply_vm_args(self.settings, action.vmid, spec)
             return "unchanged" if result.sync.in_sync else "changed"
-        with contextlib.ExitStack() as held:
-            try:  # Proxmox's own lock: no start, stop or migration can run meanwhile
-                held.enter_context(vm_lock(dataclasses.replace(self.settings, lock_timeout=0), action.vmid))
-            except AgentTimeout:
-                return "skipped: the VM is busy"
-            if vm_running(self.settings, action.vmid) != action.while_running:
-                return "skipped: the VM started or stopped meanwhile"
+        # Proxmox's own lock, with no waiting: held only to re-check that the VM still
+        # runs (or still does not) and to commit, never while ovs-vswitchd applies the
+        # change: `qm start` and `qm migrate` wait only 10 s for it (see Ovsdb.apply).
+        fast = dataclasses.replace(self.settings, lock_timeout=0)
+        guard = lambda: vm_guard(fast, action.vmid, action.while_running)  # noqa: E731
+        try:
             if isinstance(action, DelSocket):
-                return _remove_socket(Path(action.path))
-            if isinstance(action, (ApplyTapQinQ, RemoveLeftovers)):
+                with guard():
+                    return _remove_socket(Path(action.path))
+            if isinstance(action, (ApplyTapQinQ, ApplyVhostPorts, RemoveLeftovers)):
                 if self._db is None:
                     raise OvsUnavailable(f"no connection to OVSDB at {self.settings.ovsdb}", UNREACHABLE_FIX)
-                self._db.apply(action.actions)
+                self._db.apply(action.actions, guard)
                 return "changed"
+        except VmBusy:
+            return "skipped: the VM is busy"
+        except VmChanged:
+            return "skipped: the VM started or stopped meanwhile"
         raise TypeError(f"unknown action {action!r}")
 
     def _log_problems(self, problems: tuple[Problem, ...]) -> None:

@@ -137,7 +137,7 @@ class VhostNic:
     @property
     def socket_name(self) -> str:
         """The socket file name, as in the TNSR recipe: `vm-<vmid>-<N>.sock`."""
-        return f"vm-{self.vmid}-{self.index}.sock"
+        return socket_name(self.vmid, self.index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,3 +370,22 @@ def default_mac(vmid: int, index: int, taken: Iterable[str] = ()) -> str:
         if mac not in used and octets[1:] != bytes(5):
             return mac
         salt += 1
+
+
+# vhost-user socket file names: one format, and the parser derived from it.
+_SOCKET_FORMAT = "vm-{vmid}-{index}.sock"
+_SOCKET_RE = re.compile(
+    re.escape(_SOCKET_FORMAT).replace(re.escape("{vmid}"), "([0-9]+)").replace(re.escape("{index}"), "([0-9]+)"))
+
+
+def socket_name(vmid: int, index: int) -> str:
+    return _SOCKET_FORMAT.format(vmid=vmid, index=index)
+
+
+def socket_vmid(name: str) -> int | None:
+    """The VM whose NIC socket `name` is (None for any name `socket_name` does not make)."""
+    match = _SOCKET_RE.fullmatch(name)
+    if not match:
+        return None
+    vmid, index = int(match.group(1)), int(match.group(2))
+    return vmid if index < MAX_NICS and socket_name(vmid, index) == name else None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pve_vhost_agent import pvefs
-from pve_vhost_agent.errors import AgentError, AgentTimeout, ConfigConflict, NotFound
+from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound, VmBusy, VmChanged
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.vmconfig import VmConfig
 
@@ -126,7 +126,7 @@ def vm_lock(settings: Settings, vmid: int) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise AgentTimeout(
+                    raise VmBusy(
                         f"VM {vmid} is locked by another task (lock file {path}, waited {settings.lock_timeout:g} s)",
                         "retry when the running `qm` task or VM start has finished",
                     ) from None
@@ -134,6 +134,21 @@ def vm_lock(settings: Settings, vmid: int) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def vm_guard(settings: Settings, vmid: int, running: bool) -> Iterator[None]:
+    """Proxmox's VM lock, held only while the VM still runs (`running`) or still does not.
+
+    Raises VmBusy when the lock is not free within settings.lock_timeout, VmChanged when
+    the VM started or stopped since it was planned for.
+    """
+    with vm_lock(settings, vmid):
+        if vm_running(settings, vmid) != running:
+            now = "runs" if not running else "no longer runs"
+            raise VmChanged(f"VM {vmid} {now}: it started or stopped meanwhile",
+                            "nothing was changed; the next pass (or the command run again) plans anew")
+        yield
 
 
 def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks")) -> bool:
@@ -154,7 +169,11 @@ def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks"
         fields = line.split()
         if len(fields) < 6 or fields[1] != "FLOCK":
             continue
-        major, minor, inode = fields[5].split(":")
-        if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+        try:
+            major, minor, inode = fields[5].split(":")
+            found = (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue  # a line in a form this code does not know: not the VM lock
+        if found == wanted:
             return True
     return False

@@ -7,10 +7,10 @@ import pytest
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
 from pve_vhost_agent.ovsactions import (
     AddVhostPort, DelPort, EnsureBridge, ReplaceVhostPort, RestoreTapVlan, SetPortMtu,
-    SetPortVlan, SetTapQinQ, SetVlanLimit,
+    SetPortVlan, SetTapQinQ, SetVlanLimit, CheckVlanHeaders, DropDatapath, EnsureDatapath,
 )
 from pve_vhost_agent.ovsplan import (
-    plan_gc, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal, port_vlan,
+    plan_gc, plan_live_vhost_ports, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal, port_vlan,
 )
 from pve_vhost_agent.ovsstate import (
     FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan,
@@ -47,11 +47,12 @@ def tap_port(name="tap100i1", bridge="vmbr0", vlan=PVE_TAG_20, external_ids=Froz
 
 
 def state(*ports, bridges=(OvsBridge("vhostbr0", "netdev"), OvsBridge("vmbr0", "netdev")),
-          vlan_limit="2", probed=(), iface_types=DPDK_TYPES):
+          vlan_limit="2", probed=(("netdev", "2"),), iface_types=DPDK_TYPES, datapaths=None):
     return OvsState(
         bridges=tuple(bridges), ports=tuple(ports),
         other_config=FrozenMap({"vlan-limit": vlan_limit} if vlan_limit else {}),
         iface_types=iface_types, probed_vlan_headers=FrozenMap(dict(probed)),
+        datapath_owners=FrozenMap({dp: "datapath" for dp, _ in dict(probed).items()} if datapaths is None else datapaths),
     )
 
 
@@ -77,6 +78,14 @@ VHOST_TABLE = [
      (SetVlanLimit(2, ""), EnsureBridge("vhostbr0", "netdev"), add(nic(), TUNNEL_950))),
     ("vlan-limit already 2", (nic(vlan=QINQ_950),), state(),
      (add(nic(), TUNNEL_950),)),
+    ("vlan-limit 2 but no Datapath row says what the running datapath probed: make one, check it",
+     (nic(vlan=QINQ_950),), state(probed=(), datapaths={}),
+     (EnsureDatapath("netdev"), CheckVlanHeaders("netdev", 2), add(nic(), TUNNEL_950))),
+    ("the agent's Datapath row was left empty by ovs-vswitchd: made anew", (nic(vlan=QINQ_950),),
+     state(probed=(), datapaths={"netdev": "datapath"}),
+     (DropDatapath("netdev"), EnsureDatapath("netdev"), CheckVlanHeaders("netdev", 2), add(nic(), TUNNEL_950))),
+    ("an operator's Datapath row without the probe is never touched", (nic(vlan=QINQ_950),),
+     state(probed=(), datapaths={"netdev": ""}), (add(nic(), TUNNEL_950),)),
     ("vlan-limit 0 means no limit", (nic(vlan=QINQ_950),), state(vlan_limit="0"),
      (add(nic(), TUNNEL_950),)),
     ("datapath already probed with 2 headers: raising the limit is safe", (nic(vlan=QINQ_950),),
@@ -114,7 +123,7 @@ REFUSALS = [
      OvsRefused, "bridge vhostbr0 uses the system datapath"),
     ("vswitchd without DPDK", (nic(),), state(iface_types=("internal", "system", "tap")),
      OvsRefused, "dpdkvhostuserclient is not among its interface types"),
-    ("QinQ, vlan-limit 1 and a datapath already running", (nic(vlan=QINQ_950),), state(vlan_limit=""),
+    ("QinQ, vlan-limit 1 and a datapath already running", (nic(vlan=QINQ_950),), state(vlan_limit="", probed=()),
      OvsRefused, "vlan-limit 2 or 0, but it is 1"),
     ("QinQ, vlan-limit 1, only one of the datapaths known to be probed with 2", (nic(vlan=QINQ_950),),
      state(OvsPort("x"), vlan_limit="1", probed={"netdev": "2"},
@@ -175,7 +184,7 @@ def test_tap_qinq_needs_the_tap_port():
 
 def test_tap_qinq_refuses_vlan_limit_1_on_proxmoxs_running_bridge():
     with pytest.raises(OvsRefused, match="vlan-limit=2`, then restart ovs-vswitchd"):
-        plan_tap_qinq(VmSpec(100, (), (TAP,)), state(tap_port(), vlan_limit=""))
+        plan_tap_qinq(VmSpec(100, (), (TAP,)), state(tap_port(), vlan_limit="", probed=()))
 
 
 def test_tap_with_an_agent_port_under_its_name_is_not_taken_over():
@@ -225,3 +234,28 @@ def test_saved_vlan_survives_its_external_ids_form():
         assert PortVlan.from_json(vlan.to_json()) == vlan
     assert PortVlan.from_json("{bad") is None
     assert PortVlan.from_json('{"mode": 1}') is None
+
+
+SERVED = {"vm-100-0.sock"}  # QEMU of the running VM serves net0's socket only
+LIVE_TABLE = [
+    ("VLAN and MTU change in place", (nic(vlan=VlanPolicy(tag=20), mtu=9000),), state(vhost_port(vlan=PortVlan("access", 10))),
+     (SetPortVlan("vhu100i0", PortVlan("access", 20)), SetPortMtu("vhu100i0", 9000)), ()),
+    ("a port deleted by hand comes back while QEMU serves its socket", (nic(),), state(), (add(nic()),), ()),
+    ("a NIC the running QEMU does not have waits", (nic(), nic(1)), state(vhost_port()), (),
+     ("VM 100: port vhu100i1 (the running QEMU has no net1 yet) takes effect at the next start",)),
+    ("a new bridge is made only at pre-start", (nic(bridge="newbr"),), state(), (),
+     ("VM 100: creating bridge newbr takes effect at the next start",
+      "VM 100: port vhu100i0 on the new bridge newbr takes effect at the next start")),
+    ("a connected port is never replaced", (nic(bridge="vmbr0", vlan=VlanPolicy(tag=20)),),
+     state(vhost_port()), (),
+     ("VM 100: re-creating port vhu100i0 (bridge vhostbr0 -> vmbr0) takes effect at the next start",)),
+    ("nor deleted", (), state(vhost_port()), (),
+     ("VM 100: removing port vhu100i0 (QEMU still has its NIC) takes effect at the next start",)),
+    ("datapath checks only come with a port change", (nic(vlan=QINQ_950),),
+     state(vhost_port(vlan=TUNNEL_950), probed=(), datapaths={}), (), ()),
+]
+
+
+@pytest.mark.parametrize("what, nics, observed, now, later", LIVE_TABLE, ids=[r[0] for r in LIVE_TABLE])
+def test_live_vhost_port_plans(what, nics, observed, now, later):
+    assert plan_live_vhost_ports(VmSpec(100, nics), observed, SOCKETS, SERVED) == (now, later)

@@ -63,7 +63,8 @@ def tap(vmid=100, vlan=PVE_TAG, owned=False):
 
 def ovs(*ports):
     return OvsState(bridges=(OvsBridge("vhostbr0", "netdev"), OvsBridge("vmbr0", "netdev")), ports=ports,
-                    other_config=FrozenMap({"vlan-limit": "2"}), iface_types=("dpdkvhostuserclient", "system"))
+                    other_config=FrozenMap({"vlan-limit": "2"}), iface_types=("dpdkvhostuserclient", "system"),
+                    probed_vlan_headers=FrozenMap({"netdev": "2"}), datapath_owners=FrozenMap({"netdev": "datapath"}))
 
 
 def node(*vms, running=(), busy=(), ports=(), sockets=(), remote=None, **kw) -> NodeState:
@@ -214,3 +215,19 @@ def test_status_line_when_ovs_is_down():
     assert status_line(node_summary(state, plan_node(state)), WHEN) == (
         "0 VMs (0 running): Open vSwitch unreachable; last pass 14:02:11; 1 problem, first: "
         "cannot reach OVSDB at unix:/x (No such file)")
+
+
+# --- vhost-user ports of a running VM -----------------------------------------------------
+
+
+def test_a_running_vm_gets_its_port_back_and_hears_what_waits_for_its_next_start():
+    gone = node(config(100), running=[100], ports=[tap(100, TUNNEL, owned=True)], sockets=["vm-100-1.sock"])
+    plan = plan_node(gone)
+    assert [type(a).__name__ for a in plan.actions] == ["ApplyVhostPorts"]
+    assert [type(a).__name__ for a in plan.actions[0].actions] == ["AddVhostPort"]
+    assert describe(plan.actions[0]) == "VM 100: vhost-user ports as declared again: AddVhostPort vhu100i1"
+
+    not_served = plan_node(dataclasses.replace(gone, ovs_sockets=()))
+    assert not_served.actions == () and not_served.at_next_start == (
+        "VM 100: port vhu100i1 (the running QEMU has no net1 yet) takes effect at the next start",)
+    assert plan_node(dataclasses.replace(gone, running=frozenset(), busy=frozenset({100}))).actions == ()

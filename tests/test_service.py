@@ -28,7 +28,7 @@ import pytest
 from fixtures.ovs import run, start_ovs
 from pve_vhost_agent.ovsdb import Ovsdb
 from pve_vhost_agent.ovsplan import plan_vhost_ports
-from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VhostNic, VmSpec
+from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
 from pve_vhost_agent.specstore import load_spec, update_spec
 from pve_vhost_agent.vmargs import apply_vm_args
 from pve_vhost_agent.vmconfig import VmConfig
@@ -284,7 +284,11 @@ def test_a_re_plugged_tap_gets_qinq_back_at_once_and_a_busy_vm_waits(node, notif
                             r"checked \d\d:\d\d:\d\d ok; 0 problems\n", status.stdout)  # nothing pending
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=10) == 0
-    assert service.stderr.read().count("VM 100: tap ports as declared again: SetTapQinQ tap100i0: changed") == 3
+    log = service.stderr.read()
+    # The first pass also proved, through the agent's Datapath row, that netdev has two VLAN headers.
+    assert log.count("VM 100: tap ports as declared again: EnsureDatapath netdev, CheckVlanHeaders netdev, "
+                     "SetTapQinQ tap100i0: changed") == 1
+    assert log.count("VM 100: tap ports as declared again: SetTapQinQ tap100i0: changed") == 2
 
 
 # --- (c) leftovers after a migration, and a busy VM ------------------------------------------------
@@ -384,3 +388,72 @@ def test_ready_status_and_sigterm(node, notify):
     assert service.wait(timeout=10) == 0
     assert notify.wait_for("STOPPING") == "1"
     assert "SIGTERM received" in service.stderr.read()
+
+
+# --- (f) a NIC changed while its VM runs -----------------------------------------------------------
+
+
+def _running_with_port(node, vlan):
+    """VM 100 started with net1 (tag 10): its port made at pre-start, its socket served by QEMU."""
+    node.vm(100, ROUTER, VhostNic(100, 1, VHOST_BRIDGE, "02:00:00:00:01:01", vlan=vlan))
+    apply_vm_args(node.settings, 100)
+    node.make_ports(100)
+    node.leave_socket("ovs", "vm-100-1.sock")
+
+
+def test_the_service_brings_a_running_vms_port_in_step_but_never_replaces_it(node):
+    _running_with_port(node, VlanPolicy(tag=10))
+    with node.running(100):
+        update_spec(node.settings, lambda spec: spec.with_entry(
+            VhostNic(100, 1, VHOST_BRIDGE, "02:00:00:00:01:01", vlan=VlanPolicy(tag=20), mtu=9000)))
+        result = node.cli("service", "--once")
+        assert result.returncode == 0, result.stderr
+        assert node.ovs.get("Port", "vhu100i1", "tag", "vlan_mode")["tag"] == 20
+        assert node.ovs.get("Interface", "vhu100i1", "mtu_request") == {"mtu_request": 9000}
+
+        uuid = node.ovs.get("Port", "vhu100i1", "_uuid")
+        node.ovs.vsctl("del-port", "vhu100i1")  # deleted by hand while the VM runs
+        result = node.cli("service", "--once")
+        assert result.returncode == 0, result.stderr
+        port = node.ovs.get("Interface", "vhu100i1", "options")
+        assert port["options"]["vhost-server-path"] == str(node.settings.socket_dir("ovs") / "vm-100-1.sock")
+        assert node.ovs.get("Port", "vhu100i1", "tag")["tag"] == 20 and node.ovs.get("Port", "vhu100i1", "_uuid") != uuid
+
+        # A new bridge needs a new port: not while QEMU is connected to this one.
+        node.ovs.vsctl("add-br", PVE_BRIDGE, "--", "set", "Bridge", PVE_BRIDGE, "datapath_type=netdev")
+        update_spec(node.settings, lambda spec: spec.with_entry(
+            VhostNic(100, 1, PVE_BRIDGE, "02:00:00:00:01:01", vlan=VlanPolicy(tag=20), mtu=9000)))
+        kept = node.ovs.get("Port", "vhu100i1", "_uuid")
+        result = node.cli("service", "--once")
+        assert result.returncode == 0, result.stderr
+        assert node.ovs.get("Port", "vhu100i1", "_uuid") == kept
+        assert node.ovs.find("Port", "name=vhu100i1") == ["vhu100i1"]
+        note = (f"VM 100: re-creating port vhu100i1 (bridge {VHOST_BRIDGE} -> {PVE_BRIDGE}) "
+                "takes effect at the next start")
+        assert note in result.stderr
+        status = json.loads(node.cli("status", "--json").stdout)
+        assert status["at_next_start"] == [note] and status["pending"] == []
+
+
+def test_nic_set_on_a_running_vm_reaches_ovs_at_once(node):
+    _running_with_port(node, VlanPolicy(tag=10))
+    with node.running(100):
+        result = node.cli("nic", "set", "100", "net1", "--tag", "20")
+        assert result.returncode == 0, result.stderr
+        assert "VM 100: set port vhu100i1 VLAN to access tag=20 (running VM, at once)" in result.stdout
+        assert node.ovs.get("Port", "vhu100i1", "tag")["tag"] == 20
+
+        result = node.cli("nic", "set", "100", "net1", "--mtu", "9000", "--dry-run")
+        assert "dry run: would set port vhu100i1 MTU to 9000" in result.stdout
+        assert node.ovs.get("Interface", "vhu100i1", "mtu_request") == {"mtu_request": []}
+
+        result = node.cli("nic", "add", "100", "net2", "--bridge", VHOST_BRIDGE, "--tag", "30")
+        assert result.returncode == 0, result.stderr
+        assert "VM 100: port vhu100i2 (the running QEMU has no net2 yet) takes effect at the next start" in result.stdout
+        assert node.ovs.find("Port", "name=vhu100i2") == []
+
+        result = node.cli("nic", "remove", "100", "net1")
+        assert result.returncode == 0, result.stderr
+        assert ("VM 100: removing port vhu100i1 (QEMU still has its NIC) takes effect at the next start"
+                in result.stdout)
+        assert node.ovs.find("Port", "name=vhu100i1") == ["vhu100i1"]

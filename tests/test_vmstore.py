@@ -212,3 +212,19 @@ def test_busy_means_someone_holds_the_vm_lock_and_the_probe_takes_none(pve_root)
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             assert vm_busy(settings, 100)  # our own lock shows up too
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def test_busy_skips_lines_of_proc_locks_it_cannot_read(pve_root, tmp_path):
+    settings = pve_root.settings()
+    lock = settings.vm_lock(100)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    st = lock.stat()
+    ours = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    locks = tmp_path / "locks"
+    garbage = ["1: FLOCK  ADVISORY  WRITE 1234 fd:01 0 EOF", "2: FLOCK  ADVISORY  WRITE 1234 zz:01:x 0 EOF",
+               "3: FLOCK  ADVISORY  WRITE 1234 fd:01:5:6 0 EOF", "4: FLOCK"]
+    locks.write_text("\n".join(garbage) + "\n")
+    assert not vm_busy(settings, 100, locks)
+    locks.write_text("\n".join(garbage + [f"5: FLOCK  ADVISORY  WRITE 1234 {ours} 0 EOF"]) + "\n")
+    assert vm_busy(settings, 100, locks)

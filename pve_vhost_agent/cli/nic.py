@@ -1,7 +1,8 @@
 """`nic add|set|remove|list` and `qinq set|remove`: declare NICs in the cluster-wide spec.
 
-These commands change only /etc/pve/pve-vhost-agent.cfg (under the cluster lock);
-`pve-vhost-agent apply VMID` then brings the VM's args line and ports in step.
+These commands change /etc/pve/pve-vhost-agent.cfg (under the cluster lock); on an
+enabled VM they bring its args line in step at once, and on a running one its OVS ports
+(vmports: VLAN and MTU in place; what needs a restart is named).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import click
 
 from pve_vhost_agent import declare, spec, specfile
 from pve_vhost_agent.errors import NotFound
-from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.settings import Settings, is_agent_hook
 from pve_vhost_agent.specstore import SpecUpdate, load_spec, update_spec
 from pve_vhost_agent.vmlayout import net_devices
 from pve_vhost_agent.cli.vm import report_args
-from pve_vhost_agent.hookinstall import is_agent_hook
 from pve_vhost_agent.vmargs import apply_vm_args, sync_for, vm_args
 from pve_vhost_agent.vmconfig import MAIN
+from pve_vhost_agent.vmports import follow_running_vm
 from pve_vhost_agent.vmstore import VmLocation, find_vm
 
 _ETHERTYPES = click.Choice([e.value for e in spec.EtherType])
@@ -98,7 +99,9 @@ def _declare(settings: Settings, vmid: int, nic: str, rule: Callable, what: str,
 
 
 def _follow(settings: Settings, vmid: int, enabled: VmLocation | None, update: SpecUpdate, dry_run: bool) -> None:
-    """Bring an enabled VM's args in step at once; otherwise say how to enable it."""
+    """Bring an enabled VM's args in step at once, and a running one's OVS ports (what its
+    QEMU can take now; the rest is named as taking effect at the next start); otherwise
+    say how to enable it."""
     if not update.changed:
         return
     if enabled is None:
@@ -107,6 +110,10 @@ def _follow(settings: Settings, vmid: int, enabled: VmLocation | None, update: S
         return
     result = vm_args(settings, vmid, update.after) if dry_run else apply_vm_args(settings, vmid, update.after)
     report_args(result, dry_run)
+    before, after = update.before.for_vm(vmid), update.after.for_vm(vmid)
+    if enabled.running and any(n.backend is spec.Backend.OVS for n in (*before.nics, *after.nics)):
+        for line in follow_running_vm(settings, after, dry_run):
+            click.echo(line)
 
 
 def _remove_command(rule: Callable, what: str, doc: str) -> click.Command:
