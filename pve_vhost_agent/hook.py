@@ -37,12 +37,11 @@ from pve_vhost_agent import ovsplan, pvefs, qemuargs, storagecfg, tapguard
 from pve_vhost_agent.argsplan import plan_args
 from pve_vhost_agent.capacity import capacity_warnings, shared_memory_need
 from pve_vhost_agent.errors import AgentError, AgentTimeout, ConfigConflict, NotFound, OvsRefused, UsageError
-from pve_vhost_agent.hookinstall import is_agent_hook
 from pve_vhost_agent.hostinfo import read_host_memory, unix_socket_refusal
 from pve_vhost_agent.journal import context_logger, timed_action
 from pve_vhost_agent.ovsdb import Ovsdb
 from pve_vhost_agent.portcheck import port_problems
-from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.settings import Settings, is_agent_hook
 from pve_vhost_agent.spec import Backend, ChainedHook, VmSpec
 from pve_vhost_agent.startconfig import served_spec, stale_args, start_config
 from pve_vhost_agent.vmargs import qemu_version_for, socket_dirs
