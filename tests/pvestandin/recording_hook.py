@@ -2,7 +2,7 @@
 
 Each call appends one JSON line to the record file: phase, argv, stdin, cwd, the node it
 ran on, LC_ALL and PVE_MIGRATED_FROM (None when unset), every node's copy of the VM
-config at that moment, and whether the VM config lock was held. A file `fail-<phase>`
+config at that moment, whether the VM config lock was held, and on which nodes. A file `fail-<phase>`
 in the control folder makes that phase exit 1; `print-<phase>` is printed to stdout.
 """
 
@@ -26,11 +26,20 @@ with open(root / "var/lock/qemu-server" / f"lock-{{vmid}}.conf", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_UN)
     except BlockingIOError:
         lock_held = True
+def held(path):
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+locks_held = sorted(p.parents[3].name for p in root.parent.glob(f"*/var/lock/qemu-server/lock-{{vmid}}.conf") if held(p))
 confs = {{p.parts[-3]: p.read_text() for p in (root / "etc/pve/nodes").glob(f"*/qemu-server/{{vmid}}.conf")}}
 entry = {{
     "phase": phase, "argv": sys.argv, "stdin": sys.stdin.read(), "cwd": os.getcwd(), "node": root.name,
     "LC_ALL": os.environ.get("LC_ALL"), "PVE_MIGRATED_FROM": os.environ.get("PVE_MIGRATED_FROM"),
-    "confs": confs, "lock_held": lock_held,
+    "confs": confs, "lock_held": lock_held, "locks_held": locks_held,
 }}
 with open(RECORD, "a") as out:
     out.write(json.dumps(entry) + "\\n")
