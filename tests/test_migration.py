@@ -9,10 +9,17 @@ cluster-wide `args:` line names one socket path, and each node finds its own soc
 there. QEMU, the hooks, the CLI and the service of a node all run inside its namespaces;
 both namespaces start from the session's private journald, so its journal tells the story.
 
-The VM (vhost-user net1, backend ovs, balloon 0; QinQ on its Proxmox tap NIC net0) is
-enabled with the CLI on nodeA, started there, and migrated with the stand-in's `migrate`
-exactly as qemu-server does it: pre-start/post-start on nodeB with PVE_MIGRATED_FROM=nodeA
-while the config is still in nodeA's folder, no stop hook on nodeA.
+The VM (vhost-user net1, backend ovs, balloon 0) is enabled with the CLI on nodeA,
+started there, and migrated with the stand-in's `migrate` as qemu-server does it:
+pre-start/post-start on nodeB with PVE_MIGRATED_FROM=nodeA while the config is still in
+nodeA's folder, no stop hook on nodeA. Then nodeA's service removes what is left there.
+
+- a paused VM (with QinQ on a Proxmox tap NIC too): the port follows the VM, the service
+  cleans nodeA, a stop on nodeB leaves nothing on either node;
+- a failed migration (nodeB's agent cannot reach its OVS): aborted, the VM stays on nodeA
+  untouched; the retry goes through;
+- a real guest (slow): booted on nodeA, migrated while it runs, gets its first ping reply
+  on nodeB and loses none while nodeA is cleaned.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.guest import NO_REPLY, READY, RELEASED, REPLY, kernel_command_line
 from fixtures.ovs import OvsInstance, start_ovs
 from pvestandin import Cluster, MigrationFailed, Node, Qm, RunningVm, kill_leftovers, migrate, qemu
 
@@ -54,14 +62,14 @@ class Host:
         return {**os.environ, "PYTHONPATH": str(REPO), "PVE_VHOST_AGENT_ROOT": str(self.cluster.host_root),
                 "PVE_VHOST_AGENT_NODE": self.name, "PVE_VHOST_AGENT_OVSDB": self.ovs.remote, **extra}
 
-    def qm(self, **env: str) -> Qm:
-        return Qm(self.cluster, self.name, env=self.env(**env), hook_timeout=60, start_timeout=60)
+    def qm(self, paused: bool = True, **env: str) -> Qm:
+        return Qm(self.cluster, self.name, paused=paused, env=self.env(**env), hook_timeout=60, start_timeout=60)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """`pve-vhost-agent ARGS` on this node (its namespaces, its environment)."""
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`pve-vhost-agent ARGS` on this node (its namespaces, its environment); must succeed."""
         result = subprocess.run([*self.node.enter(), "/usr/bin/python3", "-m", "pve_vhost_agent", *args],
                                 env=self.env(), cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert not check or result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == 0, result.stdout + result.stderr
         return result
 
     def socket(self, vmid: int, nic: int = 1) -> Path:
@@ -118,27 +126,47 @@ class Vm:
         return f"tap{self.vmid}i0"
 
 
-@pytest.fixture
-def vm(hosts):
+def declare_vm(hosts: dict[str, Host], *, tap_nic: bool, memory: int = 128) -> Vm:
     """A router VM declared and enabled on nodeA; the hookscript installed on nodeB too."""
     a, b = hosts["nodeA"], hosts["nodeB"]
     tag = uuid.uuid4().hex[:6]
     made = Vm(100_000 + uuid.uuid4().int % 800_000, f"{PREFIX}v{tag}")  # unique in the session's journal
-    a.cluster.write_vm_config("nodeA", made.vmid, (
-        f"balloon: 0\nmemory: 128\nname: {PREFIX}-router\n"
-        f"net0: virtio=BC:24:11:00:00:01,bridge={TAP_BRIDGE}\n"))
+    tap = f"net0: virtio=BC:24:11:00:00:01,bridge={TAP_BRIDGE}\n" if tap_nic else ""
+    a.cluster.write_vm_config("nodeA", made.vmid, f"balloon: 0\nmemory: {memory}\nname: {PREFIX}-router\n{tap}")
     a.cli("nic", "add", str(made.vmid), "net1", "--bridge", made.bridge)
-    a.cli("qinq", "set", str(made.vmid), "net0", "--qinq", "950")
+    if tap_nic:
+        a.cli("qinq", "set", str(made.vmid), "net0", "--qinq", "950")
     a.cli("enable", str(made.vmid))
     b.cli("install-hook")  # the package's postinst does this on every node
-    yield made
-    kill_leftovers(a.cluster)
+    return made
+
+
+def forget_vm(hosts: dict[str, Host], made: Vm) -> None:
+    """Whatever a failed test left: QEMU by PID, ports, bridges, configs."""
+    cluster = hosts["nodeA"].cluster
+    kill_leftovers(cluster)
     for host in hosts.values():
         for port in host.owned_ports(made.vmid):
             host.ovs.vsctl("--if-exists", "del-port", port)
         host.ovs.vsctl("--if-exists", "del-br", made.bridge)
     for name in NODES:
-        a.cluster.pve.joinpath("nodes", name, "qemu-server", f"{made.vmid}.conf").unlink(missing_ok=True)
+        cluster.pve.joinpath("nodes", name, "qemu-server", f"{made.vmid}.conf").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def vm(hosts):
+    """vhost-user net1 and a Proxmox tap NIC net0 with QinQ."""
+    made = declare_vm(hosts, tap_nic=True)
+    yield made
+    forget_vm(hosts, made)
+
+
+@pytest.fixture
+def guest_vm(hosts):
+    """vhost-user net1 only: the guest's eth0."""
+    made = declare_vm(hosts, tap_nic=False, memory=256)
+    yield made
+    forget_vm(hosts, made)
 
 
 def chardev_connected(vm: RunningVm, label: str = "vhu-net1") -> bool:
@@ -256,3 +284,134 @@ def test_a_migration_whose_target_cannot_make_the_port_is_aborted_and_the_vm_sta
     a.cli("service", "--once")
     for host in (a, b):
         assert host.owned_ports(vm.vmid) == [] and host.sockets() == [], host.name
+
+
+# --- a real guest across the migration ----------------------------------------------------
+
+GUEST_IP, PEER_IP = "192.0.2.2", "192.0.2.1"  # TEST-NET-1, inside private namespaces only
+BOOT = 120  # seconds from QEMU start until the guest has configured its NIC, on a busy machine
+WINDOW = 240  # seconds the guest pings before its first reply (it gives up after that)
+HOLD = 300  # after a reply it pings until one goes unanswered (or this long), then powers off
+
+
+@dataclasses.dataclass
+class Lan:
+    """The VM's bridge on both nodes, joined by an uplink (veth), and a peer behind nodeB.
+
+    The guest stops at its first unanswered ping after a reply, and a ping in flight while
+    the VM switches nodes is lost (the source's vhost-user rings are stopped by then). So
+    the peer answers ARP but ignores pings until the VM runs on nodeB. Behind nodeB, not
+    nodeA: when the service deletes nodeA's last DPDK port, OVS-DPDK there tears down its
+    PMD thread, which can stall nodeA's datapath past a 1 s ping timeout on this 2-core
+    machine (OVS, not the agent).
+    """
+
+    peer_netns: str
+    uplink: str
+
+    @staticmethod
+    def build(hosts: dict[str, Host], bridge: str, tag: str) -> "Lan":
+        a, b = hosts["nodeA"], hosts["nodeB"]
+        lan = Lan(f"{PREFIX}-peer-{tag}", f"{PREFIX}u{tag}")
+        for host in (a, b):  # the operator's bridge with its uplink, on each host
+            host.ovs.vsctl("add-br", bridge, "--", "set", "Bridge", bridge, "datapath_type=netdev")
+        a.ovs.ip("link", "add", lan.uplink, "type", "veth", "peer", "name", lan.uplink, "netns", b.ovs.netns)
+        for host in (a, b):
+            host.ovs.ip("link", "set", lan.uplink, "up")
+            host.ovs.vsctl("add-port", bridge, lan.uplink)
+        b.ovs.plug_namespace(f"{PREFIX}p{tag}", lan.peer_netns)
+        b.ovs.vsctl("add-port", bridge, f"{PREFIX}p{tag}")
+        lan.peer("addr", "add", f"{PEER_IP}/24", "dev", "eth0")
+        lan.answer_pings(False)
+        return lan
+
+    def peer(self, *args: str) -> None:
+        subprocess.run(["ip", "-n", self.peer_netns, *args], check=True, capture_output=True, timeout=20)
+
+    def answer_pings(self, answer: bool) -> None:
+        subprocess.run(["ip", "netns", "exec", self.peer_netns, "sysctl", "-q",
+                        f"net.ipv4.icmp_echo_ignore_all={0 if answer else 1}"],
+                       check=True, capture_output=True, timeout=20)
+
+    def remove(self, hosts: dict[str, Host]) -> None:
+        hosts["nodeB"].ovs.unplug_namespace(self.peer_netns)
+        subprocess.run(["ip", "-n", hosts["nodeA"].ovs.netns, "link", "del", self.uplink], capture_output=True)
+
+
+def console(host: Host, vmid: int) -> str:
+    """The guest's serial console while it ran on `host` (each node's QEMU writes its own)."""
+    path = host.node.path(f"/run/{PREFIX}-console-{vmid}.log")
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def console_line(host: Host, vmid: int, *markers: str) -> str | None:
+    return next((line for line in console(host, vmid).splitlines() if line.startswith(markers)), None)
+
+
+def counters(host: Host, port: str) -> tuple[int, int]:
+    """Packets OVS got from the guest and sent to it on `port` (refreshed every 5 s)."""
+    stats = host.ovs.get("Interface", port, "statistics")["statistics"]
+    return stats.get("rx_packets", 0), stats.get("tx_packets", 0)
+
+
+def wait_for_traffic(host: Host, port: str, sent: int, received: int, timeout: float = 30) -> None:
+    """The guest sends `sent` more packets through `port` and receives `received` more."""
+    rx0, tx0 = counters(host, port)
+    wait_for(lambda: (lambda rx, tx: rx - rx0 >= sent and tx - tx0 >= received)(*counters(host, port)),
+             timeout, f"{sent} packets from and {received} to the guest through {port} on {host.name}")
+
+
+@pytest.mark.slow
+def test_a_real_guest_keeps_its_network_through_the_migration(hosts, guest_vm, guest_image):
+    a, b, vm = hosts["nodeA"], hosts["nodeB"], guest_vm
+    lan = Lan.build(hosts, vm.bridge, vm.bridge[-6:])
+    try:
+        # The guest's kernel and console are the operator's part of the args line; the agent
+        # keeps it and adds its own. Each node's QEMU writes the console into its own /run.
+        append = kernel_command_line(f"{GUEST_IP}/24", PEER_IP, timeout=WINDOW, hold=HOLD)
+        serial = a.cluster.host_root / f"run/{PREFIX}-console-{vm.vmid}.log"
+        path = a.node.vm_conf(vm.vmid)
+        path.write_text(path.read_text().replace("args: ", (
+            f"args: -kernel {guest_image.kernel} -initrd {guest_image.initrd} -append '{append}' "
+            f"-serial file:{serial} -no-reboot "), 1))
+        a.cli("apply", str(vm.vmid))  # the agent's words stay last, the operator's are kept
+
+        started = a.qm(paused=False).start(vm.vmid)
+        wait_for(lambda: console_line(a, vm.vmid, READY, NO_REPLY), BOOT, "the guest's NIC set-up")
+        # On nodeA its pings (unanswered for now) leave through nodeA's port.
+        wait_for(lambda: counters(a, vm.port)[0] >= 5, 30, f"5 packets from the guest through {vm.port} on nodeA")
+
+        began = time.monotonic()
+        moved = migrate(a.qm(paused=False), b.qm(paused=False), vm.vmid)
+        took = time.monotonic() - began
+        assert qemu.qmp_command(moved.qmp, "query-status")["status"] == "running"
+        assert not qemu.is_alive(started.pid) and vm.port in a.owned_ports(vm.vmid)
+
+        # The same guest (no new boot), now on nodeB, gets its first reply there and keeps pinging.
+        lan.answer_pings(True)
+        wait_for(lambda: console_line(b, vm.vmid, REPLY, NO_REPLY), 30, "the guest's first reply on nodeB")
+        assert console_line(b, vm.vmid, REPLY) and console_line(a, vm.vmid, REPLY, NO_REPLY) is None
+        assert console_line(b, vm.vmid, READY) is None
+        wait_for_traffic(b, vm.port, sent=10, received=10)
+
+        # nodeA's service removes nodeA's leftover port; the guest on nodeB loses no ping.
+        a.cli("service", "--once")
+        assert a.owned_ports(vm.vmid) == []
+        wait_for_traffic(b, vm.port, sent=10, received=10)
+        assert console_line(b, vm.vmid, RELEASED) is None
+
+        lan.peer("link", "set", "eth0", "down")  # the peer goes silent: the guest powers off
+        wait_for(lambda: console_line(b, vm.vmid, RELEASED), 30, "the guest's poweroff on nodeB")
+        # QEMU runs with -no-shutdown: qmeventd sees the guest's poweroff, ends QEMU, runs `qm cleanup`.
+        wait_for(lambda: qemu.qmp_command(moved.qmp, "query-status")["status"] == "shutdown", 30,
+                 "QEMU's shutdown state")
+        assert [run.phase for run in b.qm().shutdown_from_guest(vm.vmid).hooks] == ["post-stop"]
+        for host in (a, b):
+            assert host.owned_ports(vm.vmid) == [] and host.sockets() == [], host.name
+        print(f"real guest: migration nodeA -> nodeB took {took:.1f} s")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\nconsole on nodeA:\n{console(a, vm.vmid)}\n"
+                             f"console on nodeB:\n{console(b, vm.vmid)}") from err
+    finally:
+        kill_leftovers(a.cluster)
+        lan.remove(hosts)
