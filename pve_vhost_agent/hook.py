@@ -176,13 +176,15 @@ _PHASES: dict[str, Callable[[HookContext], None]] = {
 
 
 def _config_at_start(ctx: HookContext) -> VmConfig:
-    """The config this start uses: during a migration it still sits in the source's folder."""
+    """The config this start uses. During a migration it still sits in the source's folder,
+    and its pending changes stay pending: the target QEMU must match the running one."""
     path = ctx.settings.vm_conf(ctx.vm.vmid, ctx.call.migrated_from)
     text = pvefs.read_text(path)
     if text is None:
         raise NotFound(f"VM {ctx.vm.vmid} has a spec but no config at {path}",
                        f"remove the stale spec (pve-vhost-agent nic list {ctx.vm.vmid}) or restore the VM")
-    return VmConfig.parse(text)
+    config = VmConfig.parse(text)
+    return config.without_pending() if ctx.call.migrated_from else config
 
 
 def _apply(ctx: HookContext, db: Ovsdb, plan: Callable) -> None:

@@ -119,6 +119,14 @@ class VmConfig:
                 values[key] = value
         return values
 
+    def without_pending(self) -> "VmConfig":
+        """A copy with no `[PENDING]` section: what a migration's target start uses
+        (qemu-server applies pending changes only on a start without a state URI)."""
+        part = self._part(PENDING)
+        if part is None:
+            return self
+        return VmConfig(_classify([line.text for line in self.lines if line.part != part]), self.final_newline)
+
     def with_value(self, key: str, value: str | None, section: str = MAIN) -> "VmConfig":
         """A copy where `key` of `section` (main or pending) is `value`, or gone if None.
 

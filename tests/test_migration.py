@@ -415,3 +415,39 @@ def test_a_real_guest_keeps_its_network_through_the_migration(hosts, guest_vm, g
     finally:
         kill_leftovers(a.cluster)
         lan.remove(hosts)
+
+
+def test_a_vm_migrated_back_before_the_service_ran_gets_its_old_port_again(hosts, vm):
+    a, b = hosts["nodeA"], hosts["nodeB"]
+    a.qm().start(vm.vmid)
+    first = a.vhost_iface(vm.port)
+    migrate(a.qm(), b.qm(), vm.vmid)
+    # Back within one service interval: nodeA's leftover port is the one its pre-start plans.
+    back = migrate(b.qm(), a.qm(), vm.vmid)
+    assert a.vhost_iface(vm.port) == first and chardev_connected(back)
+    assert b.owned_ports(vm.vmid) == [vm.port]  # nodeB's leftover now
+    a.cli("service", "--once")
+    b.cli("service", "--once")
+    assert a.vhost_iface(vm.port) == first and chardev_connected(back)
+    assert b.owned_ports(vm.vmid) == [] and b.sockets() == []
+    a.qm().stop(vm.vmid)
+    assert a.owned_ports(vm.vmid) == [] and a.sockets() == []
+
+
+def test_a_running_vm_with_a_pending_memory_change_migrates_with_its_running_memory(hosts, vm):
+    a, b = hosts["nodeA"], hosts["nodeB"]
+    a.qm().start(vm.vmid)
+    # `qm set --memory 256` on the running VM: pending until its next start. The migration
+    # start does not apply it (qemu-server applies pending changes only without --stateuri).
+    path = a.node.vm_conf(vm.vmid)
+    path.write_text(path.read_text() + "\n[PENDING]\nmemory: 256\n")
+    moved = migrate(a.qm(), b.qm(), vm.vmid)
+    assert moved.argv[moved.argv.index("-m") + 1] == "128"
+    assert "memory-backend-memfd,id=vhu-mem,size=128M,share=on" in moved.argv and chardev_connected(moved)
+    # nodeB's service gives the pending change its args; the next start uses both.
+    b.cli("service", "--once")
+    b.qm().stop(vm.vmid)
+    again = b.qm().start(vm.vmid)
+    assert again.argv[again.argv.index("-m") + 1] == "256"
+    assert "memory-backend-memfd,id=vhu-mem,size=256M,share=on" in again.argv and chardev_connected(again)
+    b.qm().stop(vm.vmid)

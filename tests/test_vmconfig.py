@@ -99,6 +99,16 @@ def test_hand_written_config_sections_and_effective_view():
     assert "delete" not in effective
 
 
+def test_a_migration_start_sees_the_main_section_without_pending_changes():
+    config = VmConfig.parse(HAND_WRITTEN).without_pending()
+    assert config.sections() == ["main", "special:cloudinit", "snapshot:before-upgrade"]
+    assert config.effective() == VmConfig.parse(HAND_WRITTEN).section("main")
+    assert config.effective()["memory"] == "2048" and "net2" not in config.effective()
+    assert config.section("snapshot:before-upgrade")["memory"] == "1024"
+    plain = VmConfig.parse("memory: 512\n")
+    assert plain.without_pending() == plain
+
+
 def test_hand_written_config_keeps_every_other_line_when_args_change():
     config = VmConfig.parse(HAND_WRITTEN)
     main = config.with_value("args", "-a")
