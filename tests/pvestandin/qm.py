@@ -325,8 +325,8 @@ def migrate(source: Qm, target: Qm, vmid: int, timeout: float = 60.0) -> Running
         # The source's QEMU ends with neither pre-stop nor post-stop.
         source._end(vmid, pid, timeout)
         source._cleanup(vmid, oldconf, task, apply_pending=False, skip_hook=True)
-    with target.lock(vmid, task):
-        _set_lock(target.node.vm_conf(vmid), None)
+        with target.lock(vmid, task):  # `qm unlock` on the target
+            _set_lock(target.node.vm_conf(vmid), None)
     return dataclasses.replace(running.vm, task=task)
 
 
