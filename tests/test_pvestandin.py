@@ -217,8 +217,10 @@ def test_migration_runs_start_hooks_on_the_target_with_the_config_still_at_the_s
     ]
     assert calls[2]["argv"] == [snippet(cluster, "nodeB", "recorder.py"), "107", "pre-start"]
     assert list(calls[2]["confs"]) == ["nodeA"]  # during the target's pre-start
+    assert "lock: migrate" in calls[2]["confs"]["nodeA"].splitlines()  # the target starts with --skiplock
+    assert calls[2]["locks_held"] == ["nodeA", "nodeB"]  # the source's lock for the whole migration
     assert not cluster.nodes["nodeA"].vm_conf(107).exists()
-    assert cluster.nodes["nodeB"].vm_conf(107).exists()
+    assert "lock:" not in cluster.nodes["nodeB"].vm_conf(107).read_text()  # `qm unlock` on the target
     assert not any(line.startswith("migration listens on") for line in vm.task.lines)
 
     target.stop(107)
@@ -245,7 +247,7 @@ def test_a_migration_listens_line_from_a_hook_breaks_the_migration(cluster, hook
     with pytest.raises(MigrationFailed, match="stray line"):
         migrate(source, target, 108)
     assert qemu.is_alive(old.pid)
-    assert cluster.nodes["nodeA"].vm_conf(108).exists()
+    assert "lock:" not in cluster.nodes["nodeA"].vm_conf(108).read_text()  # phase1_cleanup
     assert target.pid(108) is None
 
 

@@ -22,6 +22,10 @@ script) and the hooks run inside it. Give it the namespace of the node's OVS, so
 land where ovs-vswitchd can open them; two nodes that both run a VM with tap NICs (a
 migration) need a namespace each, as two real hosts have. `mount_ns` (a /proc/PID/ns/mnt
 path, e.g. a private journald's) is entered the same way.
+
+Nodes that must agree on host paths (a migrated VM's `args:` names its vhost-user
+sockets) each get a mount namespace of their own from `host_namespace` (see hostns):
+    <base>/host/                     what each node sees there is its own <base>/<node>/
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+
+from pvestandin.hostns import HostNamespace
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 
@@ -76,6 +82,19 @@ class Cluster:
         (self.pve / "priv" / "lock").mkdir(parents=True, exist_ok=True)
         (self.pve / "nodes").mkdir(exist_ok=True)
         self.nodes: dict[str, Node] = {}
+
+    @property
+    def host_root(self) -> Path:
+        """The root path of every node that has a namespace from `host_namespace`."""
+        return self.base / "host"
+
+    def host_namespace(self, name: str, inside: str | None = None) -> HostNamespace:
+        """Start node `name`'s own mount namespace, in which `host_root` shows `<base>/<name>`.
+
+        Made before `add_node(name, mount_ns=<its path>)`, so the node's ovs-vswitchd can be
+        started inside it first; the caller stops it. `inside`: the namespace to start from.
+        """
+        return HostNamespace(self.base / name, self.host_root, inside).start()
 
     def add_node(self, name: str, *, netns: str | None = None, ovsdb: str | None = None,
                  mount_ns: str | None = None) -> Node:

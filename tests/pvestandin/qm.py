@@ -9,10 +9,11 @@ stop (`vm_stop`): pre-stop -> QMP quit, wait for the PID to end -> cleanup (remo
   files, apply [PENDING]) -> post-stop (once per QEMU run: the cleanup flag).
 guest shutdown / crash (qmeventd -> `qm cleanup`): no pre-stop; after a crash the taps are
   unplugged first; then cleanup -> post-stop.
-migrate (`QemuMigrate`): the target starts with PVE_MIGRATED_FROM=<source> and
-  `-incoming` while the config is still in the source's folder (pre-start, post-start run
-  there); QMP migrate; the config moves to the target's folder; the source QEMU ends with
-  no hook at all.
+migrate (`QemuMigrate`), under the source's VM lock with `lock: migrate` in the config:
+  the target starts with PVE_MIGRATED_FROM=<source> and `-incoming` while the config is
+  still in the source's folder (pre-start, post-start run there); QMP migrate; the config
+  moves to the target's folder; the source QEMU ends with no hook at all; the target
+  clears the lock.
 
 Test-machine-only additions (not what Proxmox does): TCG (`accel=tcg`, as Proxmox does for
 `kvm: 0`), `-display none` instead of VNC, and `-global virtio-net-pci.vectors=0` (QEMU 7.2
@@ -298,18 +299,56 @@ class Qm:
 
 
 def migrate(source: Qm, target: Qm, vmid: int, timeout: float = 60.0) -> RunningVm:
-    """Live-migrate running VM `vmid` from `source`'s node to `target`'s node."""
+    """Live-migrate running VM `vmid` from `source`'s node to `target`'s node.
+
+    As `AbstractMigrate::migrate` runs `QemuMigrate`: all of it under the source's VM lock;
+    phase1 writes `lock: migrate` into the config; phase2 starts the target (`qm start
+    --skiplock --migratedfrom`, hooks there) and migrates; phase3_cleanup moves the config,
+    ends the source's QEMU with no hook and clears the lock on the target (`qm unlock`). A
+    failure before the move ends the target's QEMU (if any) and removes the lock again
+    (phase2_cleanup, phase1_cleanup): the VM goes on running on the source.
+    """
     task = TaskLog()
-    pid = source.pid(vmid)
-    if pid is None:
-        raise MigrationFailed(f"VM {vmid} is not running on {source.node.name}", task)
+    with source.lock(vmid, task):
+        pid = source.pid(vmid)
+        if pid is None:
+            raise MigrationFailed(f"VM {vmid} is not running on {source.node.name}", task)
+        _set_lock(source.node.vm_conf(vmid), "migrate")
+        try:
+            running = _phase2(source, target, vmid, timeout, task)
+        except MigrationFailed:
+            _set_lock(source.node.vm_conf(vmid), None)
+            raise
+        old = source.node.vm_conf(vmid)
+        oldconf = vmconfig.load(old)
+        os.replace(old, target.node.vm_conf(vmid))
+        if running.was_running:
+            qemu.qmp_command(running.vm.qmp, "cont")
+        # The source's QEMU ends with neither pre-stop nor post-stop.
+        source._end(vmid, pid, timeout)
+        source._cleanup(vmid, oldconf, task, apply_pending=False, skip_hook=True)
+        with target.lock(vmid, task):  # `qm unlock` on the target
+            _set_lock(target.node.vm_conf(vmid), None)
+    return dataclasses.replace(running.vm, task=task)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Migrated:
+    vm: RunningVm
+    was_running: bool
+
+
+def _phase2(source: Qm, target: Qm, vmid: int, timeout: float, task: TaskLog) -> _Migrated:
+    """Start the target with -incoming and migrate into it; the target paused until `cont`."""
     uri = f"unix:{target.run_file(vmid, 'migrate')}"
     try:
         running = target.start(vmid, migrated_from=source.node.name, incoming=uri)
     except StandinError as err:
         task.lines += err.task.lines
+        task.hooks += err.task.hooks
         raise MigrationFailed(f"migration aborted: target start failed: {err}", task) from err
     task.lines += running.task.lines
+    task.hooks += running.task.hooks
     # The source reads the target's output for this line to learn where to migrate to.
     bogus = [line for line in running.task.lines if line.startswith("migration listens on")]
     if bogus:
@@ -324,15 +363,17 @@ def migrate(source: Qm, target: Qm, vmid: int, timeout: float = 60.0) -> Running
             target._end(vmid, running.pid, 10)
             raise MigrationFailed(f"migration failed: status {status}", task)
         time.sleep(0.05)
-    old = source.node.vm_conf(vmid)
-    oldconf = vmconfig.load(old)
-    os.replace(old, target.node.vm_conf(vmid))
-    if was_running:
-        qemu.qmp_command(running.qmp, "cont")
-    # The source's QEMU ends with neither pre-stop nor post-stop.
-    source._end(vmid, pid, timeout)
-    source._cleanup(vmid, oldconf, task, apply_pending=False, skip_hook=True)
-    return dataclasses.replace(running, task=task)
+    return _Migrated(running, was_running)
+
+
+def _set_lock(path: Path, lock: str | None) -> None:
+    """`lock:` in a VM config (`set_lock` / `remove_lock`)."""
+    conf = vmconfig.load(path)
+    if lock is None:
+        conf.main.pop("lock", None)
+    else:
+        conf.main["lock"] = lock
+    vmconfig.write(path, conf)
 
 
 def kill_leftovers(cluster: Cluster) -> list[int]:

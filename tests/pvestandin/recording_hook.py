@@ -2,8 +2,9 @@
 
 Each call appends one JSON line to the record file: phase, argv, stdin, cwd, the node it
 ran on, LC_ALL and PVE_MIGRATED_FROM (None when unset), every node's copy of the VM
-config at that moment, and whether the VM config lock was held. A file `fail-<phase>`
-in the control folder makes that phase exit 1; `print-<phase>` is printed to stdout.
+config at that moment, whether the VM config lock was held, and on which nodes. A file
+`fail-<phase>` in the control folder makes that phase exit 1; `print-<phase>` is printed
+to stdout.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ RECORD = {record!r}
 CONTROL = Path({control!r})
 script, vmid, phase = sys.argv[0], sys.argv[1], sys.argv[2]
 root = Path(script).resolve().parents[4]  # <root>/var/lib/vz/snippets/<script>
-lock_held = False
-with open(root / "var/lock/qemu-server" / f"lock-{{vmid}}.conf", "a") as lock:
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    except BlockingIOError:
-        lock_held = True
+def held(path):
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+lock_held = held(root / "var/lock/qemu-server" / f"lock-{{vmid}}.conf")
+locks_held = sorted(p.parents[3].name for p in root.parent.glob(f"*/var/lock/qemu-server/lock-{{vmid}}.conf") if held(p))
 confs = {{p.parts[-3]: p.read_text() for p in (root / "etc/pve/nodes").glob(f"*/qemu-server/{{vmid}}.conf")}}
 entry = {{
     "phase": phase, "argv": sys.argv, "stdin": sys.stdin.read(), "cwd": os.getcwd(), "node": root.name,
     "LC_ALL": os.environ.get("LC_ALL"), "PVE_MIGRATED_FROM": os.environ.get("PVE_MIGRATED_FROM"),
-    "confs": confs, "lock_held": lock_held,
+    "confs": confs, "lock_held": lock_held, "locks_held": locks_held,
 }}
 with open(RECORD, "a") as out:
     out.write(json.dumps(entry) + "\\n")
