@@ -72,13 +72,26 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
 
 
 def vm_running(settings: Settings, vmid: int) -> bool:
-    """True when this node's QEMU pidfile of the VM names a live (not zombie) process."""
+    """True when this node's QEMU pidfile of the VM names a live (not zombie) process that
+    was started with that pidfile, as Proxmox checks it: a reused PID is not the VM."""
+    pidfile = settings.qemu_pidfile(vmid)
     try:
-        pid = int(settings.qemu_pidfile(vmid).read_text().strip())
+        pid = int(pidfile.read_text().strip())
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError, IndexError):
         return False
-    return fields[0] != "Z"
+    if fields[0] == "Z":
+        return False
+    return any(arg == b"-pidfile" and _same_file(os.fsdecode(value), pidfile)
+               for arg, value in zip(argv, argv[1:]))
+
+
+def _same_file(one: str, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 def update_vm_config(settings: Settings, vmid: int, change: Callable[[VmConfig], VmConfig]) -> VmUpdate:

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from fixtures.fakeqemu import start_fake_qemu
+
 from pve_vhost_agent.vmconfig import VmConfig
 
 ROUTER = """\
@@ -79,12 +81,8 @@ def test_pending_memory_is_what_the_next_start_uses(router):
 
 
 def test_running_vm_gets_a_pending_change(router, tmp_path):
-    import subprocess
-    sleeper = subprocess.Popen(["sleep", "60"])
+    sleeper = start_fake_qemu(router.root / "var/run/qemu-server/100.pid")
     try:
-        pidfile = router.root / "var/run/qemu-server/100.pid"
-        pidfile.parent.mkdir(parents=True)
-        pidfile.write_text(f"{sleeper.pid}\n")
         result = router.cli("apply", "100")
         assert result.returncode == 0, result.stderr
         assert "as a pending change" in result.stdout and "next start" in result.stdout

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from fixtures.fakeqemu import start_fake_qemu
 from conftest import REPO
 
 HOOKSCRIPT = REPO / "hookscripts" / "pve-vhost-agent"
@@ -95,11 +96,8 @@ def test_disable_refuses_a_running_vm_with_vhost_nics(pve_root):
     pve_root.write_vm(100, VM)
     pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
     assert pve_root.cli("enable", "100").returncode == 0
-    sleeper = subprocess.Popen(["sleep", "60"])
+    sleeper = start_fake_qemu(pve_root.root / "var/run/qemu-server/100.pid")
     try:
-        pidfile = pve_root.root / "var/run/qemu-server/100.pid"
-        pidfile.parent.mkdir(parents=True, exist_ok=True)
-        pidfile.write_text(f"{sleeper.pid}\n")
         result = pve_root.cli("disable", "100")
         assert result.returncode == 4 and "stop the VM first" in result.stderr
     finally:

@@ -33,6 +33,7 @@ from pve_vhost_agent.specstore import load_spec, update_spec
 from pve_vhost_agent.vmargs import apply_vm_args
 from pve_vhost_agent.vmconfig import VmConfig
 
+from fixtures.fakeqemu import start_fake_qemu
 from conftest import REPO
 
 PREFIX = "h6sv"
@@ -119,10 +120,8 @@ class Node:
     @contextlib.contextmanager
     def running(self, vmid: int):
         """A stand-in QEMU: a pidfile naming a live process (killed by PID afterwards)."""
-        sleeper = subprocess.Popen(["sleep", "300"])
         pidfile = self.settings.qemu_pidfile(vmid)
-        pidfile.parent.mkdir(parents=True, exist_ok=True)
-        pidfile.write_text(f"{sleeper.pid}\n")
+        sleeper = start_fake_qemu(pidfile)
         try:
             yield sleeper
         finally:

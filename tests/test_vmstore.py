@@ -10,6 +10,7 @@ import pytest
 from pve_vhost_agent.errors import AgentTimeout, ClusterReadOnly, ConfigConflict, ExitCode, NotFound, SpecError
 from pve_vhost_agent.vmstore import find_vm, update_vm_config, vm_busy, vm_running
 
+from fixtures.fakeqemu import start_fake_qemu
 from conftest import PEER, REPO
 
 CONFIG = (PEER / "qemu-server-cfg2cmd" / "netdev.conf").read_text()
@@ -61,9 +62,15 @@ def test_running_means_a_live_process_in_the_pidfile(pve_root):
     assert not vm_running(settings, 100)  # no pidfile
     pidfile.write_text("not a pid\n")
     assert not vm_running(settings, 100)
-    proc = subprocess.Popen(["sleep", "60"])
+    other = subprocess.Popen(["sleep", "60"])  # alive, but not started with this pidfile
     try:
-        pidfile.write_text(f"{proc.pid}\n")
+        pidfile.write_text(f"{other.pid}\n")
+        assert not vm_running(settings, 100)  # a reused PID is not the VM (Proxmox checks too)
+    finally:
+        other.kill()
+        other.wait()
+    proc = start_fake_qemu(pidfile)
+    try:
         assert vm_running(settings, 100)
         proc.kill()
         # Not reaped yet: a zombie is not a running VM.
