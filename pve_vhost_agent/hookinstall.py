@@ -87,6 +87,8 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
     lines.insert(0, f"VM {vmid}: hookscript {verb} {ours} ({path})")
     if vm.nics:
         lines.append(f"VM {vmid}: args line planned for {', '.join(n.name for n in vm.nics)} is in its config")
+    lines.append("every node this VM may run on needs pve-vhost-agent installed: a migration or HA "
+                 "target runs the hookscript's pre-start")
     return lines
 
 
