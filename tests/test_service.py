@@ -456,3 +456,15 @@ def test_nic_set_on_a_running_vm_reaches_ovs_at_once(node):
         assert ("VM 100: removing port vhu100i1 (QEMU still has its NIC) takes effect at the next start"
                 in result.stdout)
         assert node.ovs.find("Port", "name=vhu100i1") == ["vhu100i1"]
+
+
+def test_nic_set_on_a_running_vm_with_ovs_down_says_who_catches_up(node):
+    _running_with_port(node, VlanPolicy(tag=10))
+    with node.running(100):
+        down = f"unix:{node.root.root}/no-ovsdb.sock"
+        result = node.cli("nic", "set", "100", "net1", "--tag", "20", ovsdb=down)
+        assert result.returncode == 6 and len(result.stderr.splitlines()) == 1
+        assert "VM 100: spec and args written, but its running ports were not changed" in result.stderr
+        assert "the service applies the change once Open vSwitch answers again" in result.stderr
+        assert load_spec(node.settings).entry(100, 1).vlan.tag == 20
+        assert node.ovs.get("Port", "vhu100i1", "tag")["tag"] == 10

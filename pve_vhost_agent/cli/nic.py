@@ -13,7 +13,7 @@ from typing import Callable
 import click
 
 from pve_vhost_agent import declare, spec, specfile
-from pve_vhost_agent.errors import NotFound
+from pve_vhost_agent.errors import NotFound, OvsUnavailable
 from pve_vhost_agent.settings import Settings, is_agent_hook
 from pve_vhost_agent.specstore import SpecUpdate, load_spec, update_spec
 from pve_vhost_agent.vmlayout import net_devices
@@ -112,7 +112,13 @@ def _follow(settings: Settings, vmid: int, enabled: VmLocation | None, update: S
     report_args(result, dry_run)
     before, after = update.before.for_vm(vmid), update.after.for_vm(vmid)
     if enabled.running and any(n.backend is spec.Backend.OVS for n in (*before.nics, *after.nics)):
-        for line in follow_running_vm(settings, after, dry_run):
+        try:
+            lines = follow_running_vm(settings, after, dry_run)
+        except OvsUnavailable as err:
+            # The spec and args are written (what the next start needs); say who catches up.
+            raise OvsUnavailable(f"VM {vmid}: spec and args written, but its running ports were not changed: {err}",
+                                 "the service applies the change once Open vSwitch answers again") from err
+        for line in lines:
             click.echo(line)
 
 
