@@ -7,7 +7,7 @@ apply step, which re-checks under the VM's lock, leaves it alone.
 
 from __future__ import annotations
 
-from pve_vhost_agent import pvefs, qemu
+from pve_vhost_agent import qemu
 from pve_vhost_agent.errors import AgentError, OvsUnavailable
 from pve_vhost_agent.ovsdb import UNREACHABLE_FIX, Ovsdb
 from pve_vhost_agent.ovsstate import OvsState
@@ -15,8 +15,7 @@ from pve_vhost_agent.reconcile import LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.spec import Backend, ClusterSpec, socket_vmid
 from pve_vhost_agent.specstore import load_spec
-from pve_vhost_agent.vmconfig import VmConfig
-from pve_vhost_agent.vmstore import vm_busy, vm_running
+from pve_vhost_agent.vmstore import local_vm_configs, vm_busy, vm_running
 
 
 def observe_ovs(db: Ovsdb) -> tuple[OvsState | None, Problem | None]:
@@ -74,17 +73,12 @@ def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem 
 
 def _local_vms(settings: Settings) -> tuple[tuple[LocalVm, ...], list[Problem]]:
     vms, problems = [], []
-    for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
-        if not path.stem.isdigit():
-            continue
-        try:
-            text = pvefs.read_text(path)
-        except AgentError as err:  # one unreadable config must not hide the others
-            problems.append(Problem.of(err, int(path.stem)))
-            continue
-        if text is not None:  # None: migrated away meanwhile
-            vms.append(LocalVm(int(path.stem), VmConfig.parse(text)))
-    return tuple(sorted(vms, key=lambda vm: vm.vmid)), problems
+    for vmid, config in local_vm_configs(settings):
+        if isinstance(config, AgentError):
+            problems.append(Problem.of(config, vmid))
+        else:
+            vms.append(LocalVm(vmid, config))
+    return tuple(vms), problems
 
 
 def _remote_nodes(settings: Settings, vmids: set[int]) -> dict[int, str]:

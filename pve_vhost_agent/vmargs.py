@@ -17,7 +17,7 @@ from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.spec import Backend, ClusterSpec, VmSpec
 from pve_vhost_agent.specstore import load_spec
 from pve_vhost_agent.vmconfig import VmConfig
-from pve_vhost_agent.vmstore import VmLocation, find_vm, update_vm_config, vm_running
+from pve_vhost_agent.vmstore import VmLocation, find_vm, local_vm_configs, update_vm_config, vm_running
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,8 @@ def apply_vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = N
 
 
 def vms_to_apply(settings: Settings, cluster: ClusterSpec) -> list[int]:
-    """This node's VMs that have a spec, or agent args left over from a removed spec."""
-    vmids = set()
-    for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
-        if not path.stem.isdigit():
-            continue
-        vmid = int(path.stem)
-        if cluster.for_vm(vmid):
-            vmids.add(vmid)
-            continue
-        try:
-            text = path.read_text(errors="surrogateescape")
-        except OSError:
-            continue
-        if qemuargs.agent_args(VmConfig.parse(text).effective().get("args", "")):
-            vmids.add(vmid)
-    return sorted(vmids)
+    """This node's VMs that have a spec, or agent args left over from a removed spec (an
+    unreadable config is listed too, so that `apply --all` reports it)."""
+    return [vmid for vmid, config in local_vm_configs(settings)
+            if isinstance(config, AgentError) or cluster.for_vm(vmid)
+            or qemuargs.agent_args(config.effective().get("args", ""))]

@@ -71,6 +71,23 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
     raise AgentError(f"the config of VM {vmid} keeps moving between nodes", "wait for its migration to end, then retry")
 
 
+def local_vm_configs(settings: Settings) -> list[tuple[int, VmConfig | AgentError]]:
+    """This node's VM configs by id, in id order; an unreadable one as its error (one bad
+    file must not hide the others). A config that vanished meanwhile (migrated) is left out."""
+    found: list[tuple[int, VmConfig | AgentError]] = []
+    for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
+        if not path.stem.isdigit():
+            continue
+        try:
+            text = pvefs.read_text(path)
+        except AgentError as err:
+            found.append((int(path.stem), err))
+            continue
+        if text is not None:
+            found.append((int(path.stem), VmConfig.parse(text)))
+    return sorted(found, key=lambda item: item[0])
+
+
 def vm_running(settings: Settings, vmid: int) -> bool:
     """True when this node's QEMU pidfile of the VM names a live (not zombie) process that
     was started with that pidfile, as Proxmox checks it: a reused PID is not the VM."""

@@ -150,3 +150,13 @@ def test_apply_all_reports_each_vm_and_fails_if_one_fails(router):
     assert result.returncode == 8
     assert "VM 100: args written" in result.stdout
     assert result.stderr.startswith("VM 101: ") and "balloon" in result.stderr
+
+
+def test_apply_all_reports_an_unreadable_config_and_goes_on(router):
+    router.cli("apply", "100")
+    broken = router.vm_path(102)
+    broken.mkdir()  # a folder where a config file should be: reading it fails
+    result = router.cli("apply", "--all")
+    assert result.returncode != 0
+    assert "VM 100: args up to date" in result.stdout
+    assert result.stderr.startswith("VM 102: cannot read")
