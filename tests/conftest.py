@@ -22,3 +22,7 @@ pytest_plugins.append("fixtures.debian_chroot")
 
 # A real guest (Debian kernel + busybox initramfs) for the data-path tests.
 pytest_plugins.append("fixtures.guest")
+
+# The run's header names the userland and the versions it proves (Debian 12 here, Debian 13
+# in the second stage of ./test: tests/fixtures/userland.py).
+pytest_plugins.append("fixtures.userland")
