@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.ovs import run, start_ovs
+from fixtures.ovs import _alive, run, start_ovs
 from pve_vhost_agent.ovsdb import Ovsdb
 from pve_vhost_agent.ovsplan import plan_vhost_ports
 from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
@@ -362,7 +362,7 @@ def test_the_service_outlives_ovsdb_server_and_reconnects(node, fresh_ovs, notif
     assert "0 vhost-user ports" in notify.wait_for("STATUS")
     pid = ovs.pids["ovsdb-server"]
     os.kill(pid, signal.SIGTERM)
-    poll(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z")
+    poll(lambda: not _alive(pid))
     assert "Open vSwitch unreachable" in notify.wait_for("STATUS", "unreachable")
     run("ovsdb-server", str(ovs.run_dir / "conf.db"), f"--remote=punix:{ovs.db_sock}",
         "--remote=db:Open_vSwitch,Open_vSwitch,manager_options", "-vconsole:off",
