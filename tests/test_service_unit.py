@@ -10,6 +10,7 @@ and /etc/pve is a test folder.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -135,8 +136,10 @@ class Container:
         while self.init is None:
             children = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children")
             pids = children.read_text().split() if children.exists() else []
-            if pids:
-                self.init = int(pids[0])
+            # nspawn's first child only sets up and exits; the init is the one in a new PID namespace.
+            inits = [int(pid) for pid in pids if _own_pid_namespace(int(pid))]
+            if inits:
+                self.init = inits[0]
             elif nspawn.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"systemd-nspawn did not boot: {nspawn.stderr.read() if nspawn.poll() is not None else ''}")
             else:
@@ -153,3 +156,10 @@ class Container:
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess:
         return self.run("systemctl", *args)
+
+
+def _own_pid_namespace(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    except FileNotFoundError:
+        return False  # gone already
