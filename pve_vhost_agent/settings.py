@@ -12,17 +12,6 @@ from pathlib import Path
 
 DEFAULT_OVSDB = "unix:/var/run/openvswitch/db.sock"
 SPEC_FILE_NAME = "pve-vhost-agent.cfg"
-HOOK_NAME = "pve-vhost-agent"
-
-
-def hook_volume(storage: str) -> str:
-    """The agent's hookscript as a VM config names it (`<storage>:snippets/<file>`)."""
-    return f"{storage}:snippets/{HOOK_NAME}"
-
-
-def is_agent_hook(value: str | None) -> bool:
-    """True for a `hookscript:` value naming the agent's hookscript, on any storage."""
-    return bool(value) and value.split(":", 1)[-1] == f"snippets/{HOOK_NAME}"
 
 
 def local_node_name() -> str:

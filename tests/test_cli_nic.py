@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pve_vhost_agent.errors import ExitCode
-from pve_vhost_agent.specfile import parse_spec
+from pve_vhost_agent.formats.specfile import parse_spec
 
 VM = """\
 #edge router

@@ -6,9 +6,9 @@ import time
 
 from conftest import REPO
 from pve_vhost_agent.errors import ExitCode
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports, plan_vm_removal
-from pve_vhost_agent.spec import EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports, plan_vm_removal
+from pve_vhost_agent.model.spec import EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
 
 
 def cli(*args):

@@ -6,7 +6,7 @@ import pytest
 
 from fixtures.fakeqemu import start_fake_qemu
 
-from pve_vhost_agent.vmconfig import VmConfig
+from pve_vhost_agent.formats.vmconfig import VmConfig
 
 ROUTER = """\
 #TNSR router

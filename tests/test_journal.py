@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from pve_vhost_agent.journal import (
+from pve_vhost_agent.adapters.journal import (
     context_logger,
     guard_text,
     setup_logging,
@@ -84,9 +84,9 @@ SENDER = textwrap.dedent(
     """
     import logging, sys
     sys.path.insert(0, {repo!r})
-    from pve_vhost_agent.journal import context_logger, setup_logging, timed_action
+    from pve_vhost_agent.adapters.journal import context_logger, setup_logging, timed_action
     print("attached", setup_logging(journal=True, human_stream=sys.stdout, level=logging.DEBUG))
-    base = logging.getLogger("pve_vhost_agent.hook")
+    base = logging.getLogger("pve_vhost_agent.flows.hook")
     log = context_logger(base, vmid={vmid}, phase="pre-start")
     log.debug("looking at VM {vmid}")
     log.warning("memory is tight", extra={{"nic": "net1"}})

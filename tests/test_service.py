@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from fixtures.ovs import run, start_ovs
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports
-from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
-from pve_vhost_agent.specstore import load_spec, update_spec
-from pve_vhost_agent.vmargs import apply_vm_args
-from pve_vhost_agent.vmconfig import VmConfig
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports
+from pve_vhost_agent.model.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.adapters.specstore import load_spec, update_spec
+from pve_vhost_agent.flows.vmargs import apply_vm_args
+from pve_vhost_agent.formats.vmconfig import VmConfig
 
 from fixtures.fakeqemu import start_fake_qemu
 from conftest import REPO

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from pve_vhost_agent import spec
+from pve_vhost_agent.model import spec
 from pve_vhost_agent.errors import AgentTimeout, ExitCode, SpecError
-from pve_vhost_agent.specfile import format_spec
-from pve_vhost_agent.specstore import load_spec, update_spec
+from pve_vhost_agent.formats.specfile import format_spec
+from pve_vhost_agent.adapters.specstore import load_spec, update_spec
 
 NIC = spec.VhostNic(100, 1, "br-dpdk", "02:00:00:00:01:01")
 TAP = spec.TapQinQ(100, 0, spec.QinQ(200))

@@ -5,12 +5,12 @@ import time
 import pytest
 
 from pve_vhost_agent.errors import OwnershipError
-from pve_vhost_agent.ovsactions import AddVhostPort, DelPort, EnsureBridge, ReplaceVhostPort, SetPortVlan
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports, plan_vm_removal
-from pve_vhost_agent.ovsstate import OvsState
+from pve_vhost_agent.model.actions import AddVhostPort, DelPort, EnsureBridge, ReplaceVhostPort, SetPortVlan
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports, plan_vm_removal
+from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import Backend, EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.model.spec import Backend, EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
 
 BRIDGE = "h3vh0"
 

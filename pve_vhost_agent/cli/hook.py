@@ -8,12 +8,12 @@ import sys
 
 import click
 
-from pve_vhost_agent import hookinstall
+from pve_vhost_agent.flows import enable as hookinstall
 from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hook import HookCall, has_leftovers, read_config, roll_back, run_chained, run_phase, uses_agent
-from pve_vhost_agent.journal import setup_logging
+from pve_vhost_agent.flows.hook import HookCall, has_leftovers, read_config, roll_back, run_chained, run_phase, uses_agent
+from pve_vhost_agent.adapters.journal import setup_logging
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.specstore import load_spec
+from pve_vhost_agent.adapters.specstore import load_spec
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,19 @@ from typing import Callable
 
 import click
 
-from pve_vhost_agent import declare, spec, specfile
+from pve_vhost_agent.plan import declare
+from pve_vhost_agent.model import spec
+from pve_vhost_agent.formats import specfile
 from pve_vhost_agent.errors import NotFound, OvsUnavailable
-from pve_vhost_agent.settings import Settings, is_agent_hook
-from pve_vhost_agent.specstore import SpecUpdate, load_spec, update_spec
-from pve_vhost_agent.vmlayout import net_devices
+from pve_vhost_agent.model.names import is_agent_hook
+from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.adapters.specstore import SpecUpdate, load_spec, update_spec
+from pve_vhost_agent.formats.vmlayout import net_devices
 from pve_vhost_agent.cli.vm import report_args
-from pve_vhost_agent.vmargs import apply_vm_args, sync_for, vm_args
-from pve_vhost_agent.vmconfig import MAIN
-from pve_vhost_agent.vmports import follow_running_vm
-from pve_vhost_agent.vmstore import VmLocation, find_vm
+from pve_vhost_agent.flows.vmargs import apply_vm_args, sync_for, vm_args
+from pve_vhost_agent.formats.vmconfig import MAIN
+from pve_vhost_agent.flows.running import follow_running_vm
+from pve_vhost_agent.adapters.vmstore import VmLocation, find_vm
 
 _ETHERTYPES = click.Choice([e.value for e in spec.EtherType])
 _BACKENDS = click.Choice([b.value for b in spec.Backend])

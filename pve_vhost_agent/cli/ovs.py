@@ -6,9 +6,9 @@ import json
 
 import click
 
-from pve_vhost_agent.ovsstate import OWNS_PORT, port_report
+from pve_vhost_agent.model.ovs import OWNS_PORT, port_report
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import check_vmid
+from pve_vhost_agent.model.spec import check_vmid
 
 
 @click.group("ovs")
@@ -22,7 +22,7 @@ def ovs_group() -> None:
 @click.pass_obj
 def status(settings: Settings, vmid: int, as_json: bool) -> None:
     """List VM VMID's vhost-user ports and QinQ taps with link, ofport and vhost-user state."""
-    from pve_vhost_agent.ovsdb import Ovsdb  # python3-openvswitch only for commands that use it
+    from pve_vhost_agent.adapters.ovsdb import Ovsdb  # python3-openvswitch only for commands that use it
 
     with Ovsdb.from_settings(settings) as db:
         ports = db.snapshot().owned_ports(check_vmid(vmid))

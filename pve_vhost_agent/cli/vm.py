@@ -8,8 +8,8 @@ import click
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.specstore import load_spec
-from pve_vhost_agent.vmargs import VmArgs, apply_vm_args, vm_args, vms_to_apply
+from pve_vhost_agent.adapters.specstore import load_spec
+from pve_vhost_agent.flows.vmargs import VmArgs, apply_vm_args, vm_args, vms_to_apply
 
 
 def _as_dict(result: VmArgs) -> dict:

@@ -1,0 +1,26 @@
+"""What the agent observes of the host itself: memory capacity and network links."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class HostMemory:
+    """Observed host capacity (adapters.host.read_host_memory)."""
+
+    available_kib: int  # MemAvailable
+    hugepages_free: Mapping[int, int]  # page size in KiB -> free pages
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One network link as netlink reports it."""
+
+    name: str
+    index: int
+    mtu: int
+    kind: str  # "veth", "tun", "bond", "bridge", "openvswitch", "" for plain devices
+    up: bool
+    master: int | None  # index of the bridge/bond this link is enslaved to

@@ -1,0 +1,173 @@
+"""The rules for declaring, changing and removing NICs in the cluster spec.
+
+Pure: the current ClusterSpec and the VM's config in, the new ClusterSpec out, or an
+error naming the problem and the fix. The CLI reads the files and writes the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pve_vhost_agent.model import spec
+from pve_vhost_agent.plan import tapqinq as tapcheck
+from pve_vhost_agent.errors import ConfigConflict, NotFound, SpecError
+from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
+from pve_vhost_agent.formats.vmlayout import NetDevice, net_devices
+
+
+@dataclasses.dataclass(frozen=True)
+class NicChange:
+    """Fields of a vhost-user NIC given on the command line; None leaves a field as it is."""
+
+    bridge: str | None = None
+    backend: spec.Backend | None = None
+    vlan: spec.VlanPolicy | None = None
+    mac: str | None = None
+    queues: int | None = None
+    rx_queue_size: int | None = None
+    tx_queue_size: int | None = None
+    mtu: int | None = None
+
+
+def vlan_policy(tag: int | None, trunks: str | None, qinq: spec.QinQ | None, no_vlan: bool = False) -> spec.VlanPolicy | None:
+    """The VLAN mode the options ask for; None when they name none."""
+    given = [name for name, value in (("--tag", tag), ("--trunks", trunks), ("--qinq", qinq)) if value is not None]
+    if no_vlan and given:
+        raise SpecError(f"--no-vlan and {given[0]} contradict each other", "give one of them")
+    if len(given) > 1:
+        raise SpecError(f"a NIC can have only one VLAN mode, got {' and '.join(given)}", "choose one of --tag, --trunks or --qinq")
+    if no_vlan:
+        return spec.VlanPolicy()
+    if not given:
+        return None
+    if trunks is not None:
+        return spec.VlanPolicy(trunks=spec.parse_vlan_list(trunks, "trunk VLAN list"))
+    if tag is not None:
+        return spec.VlanPolicy(tag=spec.check_vlan(tag, "VLAN tag"))
+    return spec.VlanPolicy(qinq=qinq)
+
+
+def qinq_policy(stag: int | None, cvlans: str | None, ethertype: str | None) -> spec.QinQ | None:
+    """The dot1q-tunnel settings the options ask for; cvlans and ethertype need an S-tag."""
+    if stag is None:
+        for option, value in (("--cvlans", cvlans), ("--ethertype", ethertype)):
+            if value is not None:
+                raise SpecError(f"{option} applies only to a QinQ (dot1q-tunnel) NIC", f"add --qinq <S-tag>, or drop {option}")
+        return None
+    return spec.QinQ(
+        stag=spec.check_vlan(stag, "S-tag"),
+        cvlans=spec.parse_vlan_list(cvlans, "customer VLAN list") if cvlans is not None else (),
+        ethertype=spec.EtherType(ethertype) if ethertype is not None else spec.EtherType.DOT1AD,
+    )
+
+
+def vm_nets(config: VmConfig) -> dict[int, tuple[str, NetDevice]]:
+    """Every netN the VM has now or gets at its next start: N -> (its config line, parsed)."""
+    nets = {}
+    for view in (config.section(MAIN), config.effective()):
+        for index, device in net_devices(view).items():
+            nets[index] = (f"net{index}: {view[f'net{index}']}", device)
+    return nets
+
+
+def add_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange, config: VmConfig) -> spec.ClusterSpec:
+    """Declare a new vhost-user NIC `netN` of VM `vmid`."""
+    nets = vm_nets(config)
+    if index in nets:
+        free = next((n for n in range(spec.MAX_NICS) if n not in nets and not cluster.entry(vmid, n)), None)
+        hint = f", e.g. net{free}" if free is not None else ""
+        raise ConfigConflict(f"VM {vmid} already has `{nets[index][0]}` in its config",
+                             f"pick a free netN for the vhost-user NIC{hint}")
+    _must_be_undeclared(cluster, vmid, index)
+    if change.bridge is None:
+        raise SpecError("a vhost-user NIC needs a bridge", "give --bridge <OVS bridge>")
+    mac = _free_mac(cluster, vmid, index, change.mac, nets)
+    nic = spec.VhostNic(vmid=vmid, index=index, bridge=change.bridge, mac=mac)
+    return cluster.with_entry(_changed(nic, dataclasses.replace(change, bridge=None, mac=None)))
+
+
+def set_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange, config: VmConfig) -> spec.ClusterSpec:
+    """Change the given fields of a declared vhost-user NIC."""
+    nic = _vhost_entry(cluster, vmid, index)
+    if change.mac is not None:
+        mac = spec.check_mac(change.mac)
+        if mac != nic.mac:
+            _free_mac(cluster.without(vmid, index), vmid, index, mac, vm_nets(config))
+    return cluster.with_entry(_changed(nic, change))
+
+
+def remove_nic(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.ClusterSpec:
+    _vhost_entry(cluster, vmid, index)
+    return cluster.without(vmid, index)
+
+
+def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.QinQ,
+                 config: VmConfig) -> spec.ClusterSpec:
+    """QinQ for Proxmox's own tap NIC `netN`: it must exist (at the next start) on a bridge,
+    carry tag=<S-tag> and no trunks, with the firewall off (see tapcheck)."""
+    entry = cluster.entry(vmid, index)
+    if isinstance(entry, spec.VhostNic):
+        raise ConfigConflict(f"VM {vmid} net{index} is declared as a vhost-user NIC",
+                             f"set QinQ on it with `pve-vhost-agent nic set {vmid} net{index} --qinq <S-tag>`")
+    effective = config.effective()
+    device = net_devices(effective).get(index)
+    if device is None:
+        raise NotFound(f"VM {vmid} has no net{index} in its config",
+                       f"QinQ applies to Proxmox's own NICs; add one with "
+                       f"`qm set {vmid} --net{index} virtio,bridge=<OVS bridge>,tag={qinq.stag}` first")
+    # The NIC must carry tag=<S-tag>: what pve-bridge plugs before post-start fails closed.
+    tapcheck.check_nic(vmid, index, effective[f"net{index}"], qinq.stag)
+    return cluster.with_entry(spec.TapQinQ(vmid, index, qinq))
+
+
+def remove_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.ClusterSpec:
+    if not isinstance(cluster.entry(vmid, index), spec.TapQinQ):
+        raise NotFound(f"VM {vmid} net{index} has no QinQ declared",
+                       f"see what is declared with `pve-vhost-agent nic list {vmid}`")
+    return cluster.without(vmid, index)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _must_be_undeclared(cluster: spec.ClusterSpec, vmid: int, index: int) -> None:
+    entry = cluster.entry(vmid, index)
+    if isinstance(entry, spec.VhostNic):
+        raise ConfigConflict(f"VM {vmid} net{index} is already declared as a vhost-user NIC",
+                             f"change it with `pve-vhost-agent nic set {vmid} net{index} ...`, or pick another netN")
+    if isinstance(entry, spec.TapQinQ):
+        raise ConfigConflict(f"VM {vmid} net{index} already has QinQ declared for Proxmox's tap NIC",
+                             f"remove it with `pve-vhost-agent qinq remove {vmid} net{index}`, or pick another netN")
+
+
+def _vhost_entry(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.VhostNic:
+    entry = cluster.entry(vmid, index)
+    if isinstance(entry, spec.TapQinQ):
+        raise ConfigConflict(f"VM {vmid} net{index} is Proxmox's tap NIC with QinQ, not a vhost-user NIC",
+                             f"change it with `pve-vhost-agent qinq set {vmid} net{index} ...`")
+    if entry is None:
+        raise NotFound(f"VM {vmid} has no vhost-user NIC net{index} declared",
+                       f"declare it with `pve-vhost-agent nic add {vmid} net{index} --bridge <bridge>`")
+    return entry
+
+
+def _free_mac(cluster: spec.ClusterSpec, vmid: int, index: int, wanted: str | None,
+              nets: dict[int, tuple[str, NetDevice]]) -> str:
+    """`wanted` if no NIC of the cluster spec or of the VM has it; else a fresh default MAC."""
+    vm_macs = {device.mac: n for n, (_line, device) in nets.items() if device.mac}
+    if wanted is None:
+        return spec.default_mac(vmid, index, [n.mac for n in cluster.nics] + list(vm_macs))
+    mac = spec.check_mac(wanted)
+    for other in cluster.nics:
+        if other.mac == mac:
+            raise SpecError(f"MAC {mac} is already used by VM {other.vmid} {other.name} in the spec",
+                            "give another --mac, or leave it out to get a unique one")
+    if mac in vm_macs:
+        raise ConfigConflict(f"MAC {mac} is already used by net{vm_macs[mac]} of VM {vmid}",
+                             "give another --mac, or leave it out to get a unique one")
+    return mac
+
+
+def _changed(nic: spec.VhostNic, change: NicChange) -> spec.VhostNic:
+    fields = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
+    return dataclasses.replace(nic, **{name: value for name, value in fields.items() if value is not None})
