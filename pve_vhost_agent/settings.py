@@ -10,6 +10,8 @@ import dataclasses
 import socket
 from pathlib import Path
 
+from pve_vhost_agent.model.spec import Backend
+
 DEFAULT_OVSDB = "unix:/var/run/openvswitch/db.sock"
 SPEC_FILE_NAME = "pve-vhost-agent.cfg"
 
@@ -64,6 +66,9 @@ class Settings:
     def socket_dir(self, backend: str) -> Path:
         """One folder per backend: `ovs` (QEMU listens) and `external` (QEMU connects)."""
         return self.run_dir / backend
+
+    def socket_dirs(self) -> dict[Backend, Path]:
+        return {backend: self.socket_dir(backend.value) for backend in Backend}
 
     def snippets_dir(self) -> Path:
         """The `snippets/` folder of the `local` storage."""

@@ -61,7 +61,8 @@ ENABLED = "balloon: 0\nhookscript: local:snippets/pve-vhost-agent\nmemory: 1024\
 def test_on_an_enabled_vm_the_args_follow_the_spec_at_once(cluster):
     cluster.write_vm(300, ENABLED)
     out = ok(cluster, "nic", "add", "300", "net1", "--bridge", "br0")
-    assert "VM 300: args written to the VM config (vhu-mem: planned but not in args; vhu-net1: planned" in out
+    assert ("VM 300: args written to the VM config (the shared memory backend is missing from the args; "
+            "net1 is declared but not in the args)") in out
     assert "vhu-net1" in cluster.vm_path(300).read_text()
     ok(cluster, "nic", "remove", "300", "net1")
     assert cluster.vm_path(300).read_text() == ENABLED
@@ -160,13 +161,14 @@ def test_list_shows_both_kinds_and_json_has_every_field(cluster):
         "vmid": 100, "nic": "net0", "kind": "qinq", "backend": None, "bridge": "vmbr0", "mac": "BC:24:11:AA:00:01",
         "vlan_mode": "dot1q-tunnel", "tag": None, "trunks": [], "qinq": 200, "cvlans": [10, 11],
         "ethertype": "802.1ad", "queues": None, "rx_queue_size": None, "tx_queue_size": None, "mtu": None,
-        "port": "tap100i0", "socket": None,
+        "port": "tap100i0", "socket": None, "summary": "QinQ on tap100i0, S-tag 200 (802.1ad), C-VLANs 10-11",
     }
     assert rows[1] == {
         "vmid": 100, "nic": "net1", "kind": "vhostuser", "backend": "ovs", "bridge": "br-dpdk",
         "mac": "02:00:00:00:00:01", "vlan_mode": "access", "tag": 10, "trunks": [], "qinq": None, "cvlans": [],
         "ethertype": None, "queues": 1, "rx_queue_size": 1024, "tx_queue_size": 1024, "mtu": None,
         "port": "vhu100i1", "socket": str(cluster.root / "run/pve-vhost-agent/ovs/vm-100-1.sock"),
+        "summary": "vhost-user on bridge br-dpdk, backend ovs, MAC 02:00:00:00:00:01, VLAN tag 10",
     }
     assert (rows[2]["backend"], rows[2]["trunks"], rows[2]["rx_queue_size"], rows[2]["mtu"]) == ("external", [1, 2, 3], 512, 9000)
     assert rows[2]["socket"].endswith("/run/pve-vhost-agent/external/vm-200-6.sock")
@@ -264,7 +266,7 @@ def test_malformed_spec_file_is_named_with_its_line(cluster):
         result = cluster.cli(*args)
         assert result.returncode == ExitCode.BAD_SPEC
         assert result.stderr == (f"pve-vhost-agent: {cluster.spec_file} line 4: unknown key 'vlan' in a vhostuser section; "
-                                 "use only: backend, bridge, mac, tag, trunks, qinq, cvlans, ethertype, queues, "
+                                 "use only: bridge, mac, backend, tag, trunks, qinq, cvlans, ethertype, queues, "
                                  "rx-queue-size, tx-queue-size, mtu\n")
     assert cluster.snapshot() == before
 

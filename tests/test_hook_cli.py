@@ -1,6 +1,7 @@
 """The hookscript's front door: silent for VMs that are not the agent's, one line for bad calls."""
 
 import os
+import shutil
 import socket
 import subprocess
 
@@ -127,11 +128,11 @@ def test_a_socket_folder_that_cannot_be_made_aborts_pre_start_in_one_line(pve_ro
     pve_root.write_vm(100, VM)
     pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
     assert pve_root.cli("enable", "100").returncode == 0
-    (pve_root.root / "run").mkdir(exist_ok=True)
+    shutil.rmtree(pve_root.root / "run/pve-vhost-agent")  # made by enable: someone put a file there since
     (pve_root.root / "run/pve-vhost-agent").write_text("not a folder\n")
     result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
-    assert result.returncode == 1 and b"Traceback" not in result.stdout + result.stderr
-    assert b"cannot create the socket folder" in result.stdout and b"Not a directory" in result.stdout
+    assert result.returncode == 4 and b"Traceback" not in result.stdout + result.stderr
+    assert b"refusing the socket folder" in result.stdout and b"pve-vhost-agent is not a plain folder" in result.stdout
 
 
 def test_a_chained_hookscript_without_a_shebang_is_one_line_not_a_traceback(pve_root):

@@ -139,7 +139,7 @@ def test_customer_vlans_outside_cvlans_are_dropped(lan):
 def test_restore_gives_back_proxmoxs_access_port_which_drops_tagged_frames(lan):
     lan.tunnel(QinQ(950, (10,), EtherType.DOT1AD))
     plan = plan_vm_removal(901, lan.db.snapshot())
-    assert plan == (RestoreTapVlan(TAP, PortVlan("", 20)),)
+    assert plan == (RestoreTapVlan(TAP, PortVlan("", 20), 901),)
     lan.settle(plan)
     assert lan.ovs.get("Port", TAP, "tag", "vlan_mode", "cvlans", "other_config", "external_ids") == {
         "tag": 20, "vlan_mode": [], "cvlans": [], "other_config": {}, "external_ids": {}}

@@ -10,12 +10,10 @@ starts like the line a migration source parses (see `guard_line`).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import os
-import time
-from typing import Iterator, Mapping, TextIO
+import re
+from typing import TextIO
 
 from systemd import journal as sd_journal
 
@@ -23,6 +21,8 @@ SYSLOG_IDENTIFIER = "pve-vhost-agent"
 # journald's native socket. `systemd.journal.send` drops entries silently when it is
 # missing, so its presence is the cheap way to know whether anything reaches journald.
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# journald takes field names of upper-case letters, digits and underscores.
+_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # `extra` keys carried into journal fields (upper-cased), in this order.
 CONTEXT_FIELDS = ("vmid", "phase", "nic", "port", "bridge", "action", "result", "duration_ms")
 # A migration source reads the target's `qm start` output and takes a line starting
@@ -49,11 +49,15 @@ def priority(levelno: int) -> int:
 
 
 def context_fields(record: logging.LogRecord) -> dict[str, str]:
-    """The agent's context fields present on `record`, as journal fields."""
+    """The agent's context fields present on `record`, as journal fields: the fixed ones
+    (VMID, PHASE, ...) and an action's own (`extra={"fields": action.fields()}`)."""
     fields = {}
     for name in CONTEXT_FIELDS:
         value = getattr(record, name, None)
         if value is not None:
+            fields[name.upper()] = str(value)
+    for name, value in (getattr(record, "fields", None) or {}).items():
+        if value is not None and _FIELD_NAME.fullmatch(name):
             fields[name.upper()] = str(value)
     return fields
 
@@ -179,50 +183,3 @@ def context_logger(logger: logging.Logger | logging.LoggerAdapter, **fields: obj
         fields = {**logger.extra, **fields}
         logger = logger.logger
     return ContextLogger(logger, fields)
-
-
-@dataclasses.dataclass
-class Outcome:
-    """What a timed action reports; the action may change `result` (e.g. to 'unchanged')."""
-
-    result: str = "ok"
-    duration_ms: int | None = None
-
-
-@contextlib.contextmanager
-def timed_action(
-    logger: logging.Logger | logging.LoggerAdapter,
-    action: str,
-    message: str,
-    **fields: object,
-) -> Iterator[Outcome]:
-    """Time the block and log one entry with ACTION, RESULT and DURATION_MS.
-
-    `message` says what is done (`add port vhu100i0 to br-vhost`); the entry reads
-    `<message>: <result> (<n> ms)`. An exception is logged as RESULT=failed, then re-raised.
-    """
-    outcome = Outcome()
-    start = time.monotonic()
-    try:
-        yield outcome
-    except Exception as err:
-        outcome.result = "failed"
-        outcome.duration_ms = _elapsed_ms(start)
-        logger.error(
-            "%s: failed (%d ms): %s", message, outcome.duration_ms, err,
-            extra=_fields(fields, action, outcome),
-        )
-        raise
-    outcome.duration_ms = _elapsed_ms(start)
-    logger.info(
-        "%s: %s (%d ms)", message, outcome.result, outcome.duration_ms,
-        extra=_fields(fields, action, outcome),
-    )
-
-
-def _elapsed_ms(start: float) -> int:
-    return round((time.monotonic() - start) * 1000)
-
-
-def _fields(fields: Mapping[str, object], action: str, outcome: Outcome) -> dict[str, object]:
-    return {**fields, "action": action, "result": outcome.result, "duration_ms": outcome.duration_ms}

@@ -9,25 +9,38 @@ strings in 3.5), and `commit_block()` (it has no timeout).
 
 Every wait is bounded by `timeout` seconds; the schema is taken from the server, so
 the agent registers only columns that server has.
+
+A connection for one VM (a hook) is scoped to the ports it names: Port and Interface are
+monitored with a condition on those names, and Bridge without its `ports` column (a
+bridge of thousands of ports would otherwise be read in full). Which bridge holds one of
+those ports is asked with a `select` on a short side connection. So a hook costs the same
+on a switch of ten ports and of ten thousand. The service monitors everything, once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import select
+import sys
 import time
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+import uuid
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
-import ovs.db.idl
-import ovs.jsonrpc
-import ovs.poller
-import ovs.stream
+# python-ovs imports `ssl` at once for its ssl: remotes, which the agent refuses
+# (settings accepts unix: only); keeping it out saves every hook the OpenSSL load.
+sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
+import ovs.db.idl  # noqa: E402
+import ovs.jsonrpc  # noqa: E402
+import ovs.poller  # noqa: E402
+import ovs.stream  # noqa: E402
 
 from pve_vhost_agent.errors import AgentError, AgentTimeout, OvsUnavailable
-from pve_vhost_agent.model.actions import OvsAction, ReplaceVhostPort
+from pve_vhost_agent.model.actions import Action, ReplaceVhostPort
 from pve_vhost_agent.adapters.ovsrows import COLUMNS, TxnView, read_state, root_row, write
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.settings import Settings
@@ -42,21 +55,37 @@ GUARDED_COMMIT = 2.0
 UNREACHABLE_FIX = "is openvswitch-switch running? (systemctl status openvswitch-switch)"
 VSWITCHD_FIX = "is ovs-vswitchd running? (systemctl status openvswitch-switch; /var/log/openvswitch/ovs-vswitchd.log)"
 
+# Actions per transaction: a cold service pass over 1,000 VMs commits in a few of them.
+MAX_STEP_ACTIONS = 1000
+
 Txn = ovs.db.idl.Transaction
-Guard = Callable[[], ContextManager[Any]]
+# guard(vmids) -> context yielding (the VMs whose actions may go in, {vmid: why not} for the rest)
+Guard = Callable[[frozenset[int]], ContextManager[tuple[frozenset[int], dict[int, str]]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One committed transaction of a plan: its actions, the VMs left out and why."""
+
+    actions: tuple[Action, ...]
+    skipped: dict[int, str]
+    duration_ms: int
+    cfg: int  # the next_cfg it set (0: nothing changed)
 
 
 class Ovsdb:
     """One OVSDB connection per process, opened on first use; close() or use as a context."""
 
-    def __init__(self, remote: str, timeout: float):
+    def __init__(self, remote: str, timeout: float, ports: Iterable[str] | None = None):
         self.remote = remote
         self.timeout = timeout
+        # The port (and interface) names a scoped connection sees; None: all of them.
+        self.ports = None if ports is None else frozenset(ports)
         self._idl: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Ovsdb":
-        return cls(settings.ovsdb, settings.ovs_timeout)
+    def from_settings(cls, settings: Settings, ports: Iterable[str] | None = None) -> "Ovsdb":
+        return cls(settings.ovsdb, settings.ovs_timeout, ports)
 
     def __enter__(self) -> "Ovsdb":
         return self
@@ -74,7 +103,20 @@ class Ovsdb:
     def snapshot(self) -> OvsState:
         idl = self._connected()
         idl.run()
-        return read_state(idl, self.remote)
+        return read_state(idl, self.remote, self._port_bridges(idl))
+
+    def _port_bridges(self, idl: Any) -> dict[uuid.UUID, str] | None:
+        """Scoped: the bridge of each replicated port, asked of the server (None unscoped:
+        the replica's Bridge.ports says it)."""
+        if self.ports is None:
+            return None
+        ports = list(idl.tables["Port"].rows)
+        if not ports:
+            return {}
+        ops = [{"op": "select", "table": "Bridge", "where": [["ports", "includes", ["uuid", str(port)]]],
+                "columns": ["name"]} for port in ports]
+        results = self._rpc("transact", [DATABASE, *ops], time.monotonic() + self.timeout)
+        return {port: result["rows"][0]["name"] for port, result in zip(ports, results) if result.get("rows")}
 
     def live(self) -> bool:
         """True while connected and monitoring: only then is a snapshot current.
@@ -119,41 +161,90 @@ class Ovsdb:
 
     # --- writing --------------------------------------------------------------------
 
-    def apply(self, actions: Sequence[OvsAction], guard: Guard | None = None) -> None:
-        """Apply a plan: one transaction per step, each waited for until ovs-vswitchd has it.
+    def apply(self, actions: Sequence[Action], *, guard: Guard | None = None,
+              on_step: Callable[[Step], None] | None = None) -> None:
+        """Apply a plan: one transaction per step, then wait until ovs-vswitchd has it all.
 
-        A step ends after an action the next one depends on (`barrier`): vlan-limit
-        before a datapath exists, a bridge before its ports, a removed port before the
-        same name is added with a new socket path. `guard` is entered around each
-        step's build and commit only, never around the wait for ovs-vswitchd.
+        A step ends after an action the next one depends on (`barrier`: vlan-limit before
+        a datapath exists, a bridge before its ports, a removed port before the same name
+        is added with a new socket path); only there, and after the last step, does it
+        wait for ovs-vswitchd. A large step is committed in chunks.
+
+        `guard(vmids)` is entered around each transaction's build and commit, never around
+        a wait for ovs-vswitchd; it yields the VMs whose actions may go in (the others
+        are left out of that step, reported in `Step.skipped`). `on_step` hears of each
+        step once it is committed, so a caller can log it and knows what to undo.
         """
-        for step in _steps(actions):
-            what = ", ".join(f"{type(a).__name__} {_subject(a)}" for a in step[:3])
-            if len(step) > 3:
-                what += f" and {len(step) - 3} more"
-            self.transact(lambda view, step=step: [write(view, a) for a in step], what, guard=guard)
-            log.debug("applied %s", what)
+        target = 0
+        for actions_of_step, barrier in _steps(actions):
+            for chunk in _chunks(actions_of_step):
+                step = self._commit_step(chunk, guard)
+                target = max(target, step.cfg)
+                if on_step is not None:
+                    on_step(step)
+            if barrier and target:
+                self._await_vswitchd(target, time.monotonic() + self.timeout, _what(actions_of_step))
+                target = 0
+        if target:
+            self._await_vswitchd(target, time.monotonic() + self.timeout, _what(actions))
 
-    def transact(self, build: Callable[[TxnView], Any], what: str, *, wait_vswitchd: bool = True,
-                 guard: Guard | None = None) -> bool:
+    def _commit_step(self, actions: Sequence[Action], guard: Guard | None) -> "Step":
+        vmids = frozenset(a.vmid for a in actions if getattr(a, "vmid", None) is not None)
+        started = time.monotonic()
+        allowed: list[Action] = []
+        skipped: dict[int, str] = {}
+
+        @contextlib.contextmanager
+        def step_guard() -> Iterator[None]:
+            if guard is None:
+                allowed[:] = actions
+                yield
+                return
+            with guard(vmids) as (ok, why):
+                allowed[:] = [a for a in actions if getattr(a, "vmid", None) is None or a.vmid in ok]
+                skipped.clear()
+                skipped.update(why)
+                yield
+
+        def build(view: TxnView) -> None:
+            for action in allowed:
+                write(view, action)
+
+        cfg = self._transact(build, _what(actions), wait_vswitchd=False, bump_cfg=True, guard=step_guard,
+                            skip_empty=lambda: not allowed)
+        return Step(tuple(allowed), skipped, round((time.monotonic() - started) * 1000), cfg)
+
+    def transact(self, build: Callable[[TxnView], Any], what: str, *, wait_vswitchd: bool = True) -> bool:
         """Run `build` on a new transaction and commit it; True when something changed.
 
         TRY_AGAIN (a verified column changed meanwhile, or the connection dropped) calls
         `build` again on fresh rows, a bounded number of times; every other failure
         raises. With `wait_vswitchd`, returns only after ovs-vswitchd applied the change.
-        Inside `guard` (e.g. a VM lock) the commit waits at most GUARDED_COMMIT seconds.
+        """
+        return self._transact(build, what, wait_vswitchd=wait_vswitchd) != 0
+
+    def _transact(self, build: Callable[[TxnView], Any], what: str, *, wait_vswitchd: bool = True,
+                  bump_cfg: bool = False, guard: Callable[[], ContextManager[Any]] | None = None,
+                  skip_empty: Callable[[], bool] = lambda: False) -> int:
+        """`transact`, returning the next_cfg it set (1 when it set none, 0: unchanged).
+
+        `bump_cfg` raises next_cfg without waiting. Inside `guard` (e.g. a VM lock) the
+        commit waits at most GUARDED_COMMIT seconds; `skip_empty()`, asked inside the
+        guard, skips the commit when nothing is left to do.
         """
         idl = self._connected()
         deadline = time.monotonic() + self.timeout
         for attempt in range(1, MAX_ATTEMPTS + 1):
             with guard() if guard else contextlib.nullcontext():
+                if skip_empty():
+                    return 0
                 idl.run()
                 seqno = idl.change_seqno
                 txn = Txn(idl)
                 try:
                     txn.add_comment(f"pve-vhost-agent: {what}")
-                    build(TxnView(idl, txn, self.remote))
-                    if wait_vswitchd:
+                    build(TxnView(idl, txn, self.remote, self._port_bridges(idl)))
+                    if wait_vswitchd or bump_cfg:
                         root_row(idl, self.remote).increment("next_cfg")
                 except BaseException:
                     txn.abort()
@@ -161,11 +252,12 @@ class Ovsdb:
                 bound = min(deadline, time.monotonic() + GUARDED_COMMIT) if guard else deadline
                 status = self._commit(txn, bound, what)
             if status == Txn.UNCHANGED:
-                return False
+                return 0
             if status == Txn.SUCCESS:
+                cfg = txn.get_increment_new_value() if (wait_vswitchd or bump_cfg) else 0
                 if wait_vswitchd:
-                    self._await_vswitchd(txn.get_increment_new_value(), deadline, what)
-                return True
+                    self._await_vswitchd(cfg, deadline, what)
+                return cfg or 1
             if status != Txn.TRY_AGAIN:
                 raise OvsUnavailable(f"OVSDB at {self.remote} refused {what}: {txn.get_error()}",
                                      "nothing of this step was applied; check the input and ovsdb-server's log")
@@ -181,12 +273,24 @@ class Ovsdb:
     def _connected(self) -> Any:
         if self._idl is None:
             deadline = time.monotonic() + self.timeout
-            helper = ovs.db.idl.SchemaHelper(schema_json=self._server_schema(deadline))
+            helper = ovs.db.idl.SchemaHelper(schema_json=self._rpc("get_schema", [DATABASE], deadline))
             tables = helper.schema_json["tables"]
             for table, columns in COLUMNS.items():
                 if table in tables:
-                    helper.register_columns(table, [c for c in columns if c in tables[table]["columns"]])
+                    known = [c for c in columns if c in tables[table]["columns"]]
+                    # Registered, not replicated: the IDL can still add and remove a port.
+                    readonly = ["ports"] if table == "Bridge" and self.ports is not None else []
+                    helper.register_columns(table, known, readonly)
             idl = ovs.db.idl.Idl(self.remote, helper)
+            if self.ports is not None:
+                names = [["name", "==", name] for name in sorted(self.ports)] or [False]
+                for table in ("Port", "Interface"):
+                    # Acked before the first request, so the first monitor reply is already
+                    # only these rows (a condition set later would follow a full download).
+                    state = idl.tables[table].condition_state
+                    state.init(names)
+                    state.request()
+                    state.ack()
             self._idl = idl
             try:
                 self._run_until(idl.has_ever_connected, deadline,
@@ -197,8 +301,9 @@ class Ovsdb:
             log.debug("connected to OVSDB at %s", self.remote)
         return self._idl
 
-    def _server_schema(self, deadline: float) -> dict:
-        """The server's own schema (a hook must not trust a schema file on disk)."""
+    def _rpc(self, method: str, params: list, deadline: float) -> Any:
+        """One request on a short connection of its own: the server's schema (a hook must
+        not trust a schema file on disk), or a read-only `select`."""
         error, stream = ovs.stream.Stream.open(self.remote)
         if error:
             raise self._unreachable(os.strerror(error))
@@ -209,14 +314,14 @@ class Ovsdb:
             if error:
                 raise self._unreachable(os.strerror(error))
             rpc = ovs.jsonrpc.Connection(stream)
-            request = ovs.jsonrpc.Message.create_request("get_schema", [DATABASE])
+            request = ovs.jsonrpc.Message.create_request(method, params)
             if error := rpc.send(request):
                 raise self._unreachable(os.strerror(error))
             while True:
                 rpc.run()
                 error, msg = rpc.recv()
                 if error == errno.EAGAIN:
-                    self._block(deadline, "get_schema", rpc.wait, rpc.recv_wait)
+                    self._block(deadline, method, rpc.wait, rpc.recv_wait)
                 elif error:
                     raise self._unreachable("connection closed" if error == ovs.jsonrpc.EOF else os.strerror(error))
                 elif msg.id == request.id:
@@ -224,8 +329,10 @@ class Ovsdb:
         finally:
             (rpc or stream).close()
         if msg.type == ovs.jsonrpc.Message.T_ERROR:
-            raise OvsUnavailable(f"OVSDB at {self.remote} has no {DATABASE} database ({msg.error})",
+            raise OvsUnavailable(f"OVSDB at {self.remote} refused {method} ({msg.error})",
                                  "point --ovsdb at Open vSwitch's database socket")
+        if method == "transact" and any("error" in result for result in msg.result if result):
+            raise OvsUnavailable(f"OVSDB at {self.remote} refused a read: {msg.result}", UNREACHABLE_FIX)
         return msg.result
 
     def _unreachable(self, why: str) -> OvsUnavailable:
@@ -284,18 +391,30 @@ class Ovsdb:
         )
 
 
-def _steps(actions: Sequence[OvsAction]) -> Iterator[list[OvsAction]]:
-    step: list[OvsAction] = []
+def _steps(actions: Sequence[Action]) -> Iterator[tuple[list[Action], bool]]:
+    """The plan cut after each barrier: (actions, whether the next step depends on them)."""
+    step: list[Action] = []
     for action in actions:
         step.append(action)
         if action.barrier:
-            yield step
+            yield step, True
             step = [action.add] if isinstance(action, ReplaceVhostPort) else []
     if step:
-        yield step
+        yield step, False
 
 
-def _subject(action: OvsAction) -> str:
+def _chunks(actions: list[Action]) -> Iterator[list[Action]]:
+    for first in range(0, len(actions), MAX_STEP_ACTIONS):
+        yield actions[first:first + MAX_STEP_ACTIONS]
+
+
+def _what(actions: Sequence[Action]) -> str:
+    """A short name for a transaction (its OVSDB comment and error messages)."""
+    what = ", ".join(f"{type(a).__name__} {_subject(a)}".rstrip() for a in actions[:3])
+    return what + (f" and {len(actions) - 3} more" if len(actions) > 3 else "")
+
+
+def _subject(action: Action) -> str:
     for field in ("port", "bridge", "limit", "datapath_type"):
         if hasattr(action, field):
             return str(getattr(action, field))

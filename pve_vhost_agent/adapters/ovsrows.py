@@ -8,11 +8,12 @@ applying cannot make the agent touch a row it does not own.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+from pve_vhost_agent.model.spec import is_decimal
 from pve_vhost_agent.errors import NotFound, OvsRefused, OvsUnavailable, OwnershipError
 from pve_vhost_agent.model.actions import (
-    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, OvsAction, ReplaceVhostPort, RestoreTapVlan,
+    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, Action, ReplaceVhostPort, RestoreTapVlan,
     SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
 )
 from pve_vhost_agent.model.ovs import (
@@ -81,14 +82,17 @@ def _interface(row: Any) -> OvsInterface:
     )
 
 
-def read_state(idl: Any, remote: str) -> OvsState:
+def read_state(idl: Any, remote: str, port_bridges: Mapping[Any, str] | None = None) -> OvsState:
+    """The replicated rows as values. `port_bridges` (port uuid -> bridge name) is given
+    when Bridge.ports is not replicated (a connection scoped to some ports)."""
     root = root_row(idl, remote)
-    bridge_of: dict[Any, str] = {}
+    bridge_of: dict[Any, str] = dict(port_bridges or {})
     bridges = []
     for row in idl.tables["Bridge"].rows.values():
         bridges.append(OvsBridge(row.name, row.datapath_type, FrozenMap(row.external_ids)))
-        for port in row.ports:
-            bridge_of[port.uuid] = row.name
+        if port_bridges is None:
+            for port in row.ports:
+                bridge_of[port.uuid] = row.name
     ports = [
         OvsPort(row.name, bridge_of.get(row.uuid, ""), row_vlan(row), FrozenMap(row.external_ids),
                 tuple(_interface(i) for i in row.interfaces))
@@ -116,13 +120,16 @@ def read_state(idl: Any, remote: str) -> OvsState:
 class TxnView:
     """The rows of one open transaction, found by name."""
 
-    def __init__(self, idl: Any, txn: Any, remote: str):
+    def __init__(self, idl: Any, txn: Any, remote: str, port_bridges: Mapping[Any, str] | None = None):
         self.idl = idl
         self.txn = txn
         self.root = root_row(idl, remote)
         self.bridges = {r.name: r for r in idl.tables["Bridge"].rows.values()}
         self.ports = {r.name: r for r in idl.tables["Port"].rows.values()}
-        self.bridge_of = {p.uuid: b for b in self.bridges.values() for p in b.ports}
+        if port_bridges is None:
+            self.bridge_of = {p.uuid: b for b in self.bridges.values() for p in b.ports}
+        else:
+            self.bridge_of = {port: self.bridges[name] for port, name in port_bridges.items() if name in self.bridges}
 
     def insert(self, table: str, **columns: Any) -> Any:
         row = self.txn.insert(self.idl.tables[table])
@@ -131,7 +138,7 @@ class TxnView:
         return row
 
 
-def write(view: TxnView, action: OvsAction) -> None:
+def write(view: TxnView, action: Action) -> None:
     """Add `action`'s row changes to the open transaction."""
     _WRITERS[type(action)](view, action)
 
@@ -191,7 +198,7 @@ def _drop_datapath(view: TxnView, a: DropDatapath) -> None:
 def _check_vlan_headers(view: TxnView, a: CheckVlanHeaders) -> None:
     row = dict(view.root.datapaths).get(a.datapath_type)
     text = row.capabilities.get(MAX_VLAN_HEADERS, "") if row is not None else ""
-    if not text.isdigit():
+    if not is_decimal(text):
         raise OvsRefused(f"QinQ needs two VLAN headers, but ovs-vswitchd does not report the depth its "
                          f"{a.datapath_type} datapath was probed with", RESTART_FIX)
     if int(text) < a.needed:
@@ -210,8 +217,8 @@ def _ensure_bridge(view: TxnView, a: EnsureBridge) -> None:
     # Like `ovs-vsctl add-br`: the bridge's own internal port and interface.
     iface = view.insert("Interface", name=a.bridge, type="internal")
     port = view.insert("Port", name=a.bridge, interfaces=[iface])
-    bridge = view.insert("Bridge", name=a.bridge, ports=[port], datapath_type=a.datapath_type,
-                         external_ids={OWNER: OWNS_BRIDGE})
+    bridge = view.insert("Bridge", name=a.bridge, datapath_type=a.datapath_type, external_ids={OWNER: OWNS_BRIDGE})
+    bridge.addvalue("ports", port)  # a mutation: also where Bridge.ports is not replicated
     # Two starts adding the same bridge at once: the second gets TRY_AGAIN (and then finds
     # the bridge) instead of an ERROR from the unique name index.
     view.root.verify("bridges")

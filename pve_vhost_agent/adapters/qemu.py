@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from pve_vhost_agent.adapters import sockets
 from pve_vhost_agent.errors import AgentError, AgentTimeout
 
 PROXMOX_KVM = Path("/usr/bin/kvm")  # pve-qemu-kvm's binary on Proxmox
 DEBIAN_QEMU = "qemu-system-x86_64"
 VERSION_TIMEOUT = 10.0
+CACHE_NAME = "qemu-version"  # in the agent's run folder
 _VERSION = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -40,9 +43,54 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
 
 
-def installed_version(binary: Path | str | None = None) -> tuple[int, int, int]:
-    """Run `<binary> --version` (default: `default_binary()`) and parse its first line."""
+def installed_version(binary: Path | str | None = None, cache_dir: Path | None = None,
+                      remember: bool = True) -> tuple[int, int, int]:
+    """The version `<binary> --version` (default: `default_binary()`) prints.
+
+    With `cache_dir` (the agent's root-owned run folder) the answer is kept there, keyed by
+    the binary's identity (path, device, inode, size, mtime): an upgrade replaces the file
+    and so asks again, and no hook pays for starting QEMU twice. `remember=False` reads
+    the cache but writes nothing (a dry run).
+    """
     path = Path(binary) if binary is not None else default_binary()
+    identity = _identity(path)
+    cache = cache_dir / CACHE_NAME if cache_dir is not None and identity else None
+    if cache is not None and not sockets.folder_problem(cache_dir):
+        try:
+            key, _, version = cache.read_text().partition("\n")
+            if key == identity:
+                return parse_version(version)
+        except (OSError, AgentError):
+            pass  # missing or mangled: ask QEMU
+    version = _ask(path)
+    if cache is not None and remember:
+        _remember(cache, identity, version)
+    return version
+
+
+def _identity(path: Path) -> str:
+    try:
+        real = path.resolve()
+        info = real.stat()
+    except OSError:
+        return ""
+    return f"{real} {info.st_dev} {info.st_ino} {info.st_size} {info.st_mtime_ns}"
+
+
+def _remember(cache: Path, identity: str, version: tuple[int, int, int]) -> None:
+    """Best effort: a cache that cannot be written only costs the next call a QEMU start."""
+    try:
+        sockets.make_folder(cache.parent)
+        tmp = cache.with_name(f"{cache.name}.tmp.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{identity}\nQEMU emulator version {'.'.join(map(str, version))}\n")
+        os.replace(tmp, cache)
+    except (OSError, AgentError):
+        pass
+
+
+def _ask(path: Path) -> tuple[int, int, int]:
     try:
         result = subprocess.run(
             [str(path), "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT, check=False

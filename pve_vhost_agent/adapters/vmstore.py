@@ -14,12 +14,13 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from pve_vhost_agent.adapters import pvefs
 from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound, VmBusy, VmChanged
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.formats.vmconfig import VmConfig
+from pve_vhost_agent.model.spec import is_decimal
 
 _LOCK_POLL = 0.05  # seconds between flock attempts
 
@@ -76,7 +77,7 @@ def local_vm_configs(settings: Settings) -> list[tuple[int, VmConfig | AgentErro
     file must not hide the others). A config that vanished meanwhile (migrated) is left out."""
     found: list[tuple[int, VmConfig | AgentError]] = []
     for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
-        if not path.stem.isdigit():
+        if not is_decimal(path.stem):
             continue
         try:
             text = pvefs.read_text(path)
@@ -179,6 +180,32 @@ def vm_guard(settings: Settings, vmid: int, running: bool) -> Iterator[None]:
             raise VmChanged(f"VM {vmid} {now}: it started or stopped meanwhile",
                             "nothing was changed; the next pass (or the command run again) plans anew")
         yield
+
+
+def vm_guards(settings: Settings, expected: Mapping[int, bool]):
+    """A guard for `Ovsdb.apply`: for each VM of a step that `expected` names, Proxmox's VM
+    lock (waiting at most settings.lock_timeout: 0 for the service), held only while the VM
+    still runs (True) or still does not (False). It yields (the VMs that may go in,
+    {vmid: why not} for the others)."""
+
+    @contextlib.contextmanager
+    def guard(vmids: frozenset[int]) -> Iterator[tuple[frozenset[int], dict[int, str]]]:
+        with contextlib.ExitStack() as stack:
+            ok, why = set(), {}
+            for vmid in sorted(vmids):
+                if vmid not in expected:
+                    ok.add(vmid)
+                    continue
+                try:
+                    stack.enter_context(vm_guard(settings, vmid, expected[vmid]))
+                    ok.add(vmid)
+                except VmBusy:
+                    why[vmid] = "skipped: the VM is busy"
+                except VmChanged:
+                    why[vmid] = "skipped: the VM started or stopped meanwhile"
+            yield frozenset(ok), why
+
+    return guard
 
 
 def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks")) -> bool:

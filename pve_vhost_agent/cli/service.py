@@ -25,7 +25,7 @@ def service(settings: Settings, interval: float, once: bool, dry_run: bool) -> N
     with svc.Service(settings) as node:
         report = node.check()
     for action in report.plan.actions:
-        click.echo(f"would: {action!r}")
+        click.echo(f"would: {action.sentence()}")
     for problem in report.problems:
         click.echo(f"problem: {problem}", err=True)
     click.echo(report.line("dry run"))

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 
 from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.adapters import sockets
 from pve_vhost_agent.adapters import storage as storagecfg
 from pve_vhost_agent.plan.args import ArgsPlan
 from pve_vhost_agent.plan.argsync import sync_args
 from pve_vhost_agent.errors import ConfigConflict, NotFound
 from pve_vhost_agent.model.names import HOOK_NAME, hook_volume, is_agent_hook
+from pve_vhost_agent.model.spec import VmSpec
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.adapters.specstore import load_spec, update_spec
 from pve_vhost_agent.flows.vmargs import qemu_version_for, sync_for
@@ -25,7 +27,7 @@ from pve_vhost_agent.adapters.vmstore import find_vm, update_vm_config, vm_runni
 
 # The checkout's copy first (tests, demo), then the package's.
 HOOK_SOURCES = (
-    Path(__file__).resolve().parent.parent / "hookscripts" / HOOK_NAME,
+    Path(__file__).resolve().parents[2] / "hookscripts" / HOOK_NAME,
     Path("/usr/share/pve-vhost-agent") / HOOK_NAME,
 )
 
@@ -64,7 +66,7 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
     cluster = load_spec(settings)
     vm = cluster.for_vm(vmid)
     # Plan before writing anything: a VM the agent must refuse gets nothing written.
-    version = qemu_version_for(vm)  # once, before the lock: nothing slow runs while it is held
+    version = qemu_version_for(settings, vm)  # once, before the lock: nothing slow runs while it is held
     planned = sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running), version)
     path, installs = install(settings, storage, dry_run)
     if dry_run:
@@ -87,10 +89,22 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
     update = update_vm_config(settings, vmid, change)
     verb = "set to" if update.changed else "already"
     lines.insert(0, f"VM {vmid}: hookscript {verb} {ours} ({path})")
+    lines += make_socket_folders(settings, vm)
     if vm.nics:
         lines.append(f"VM {vmid}: args line planned for {', '.join(n.name for n in vm.nics)} is in its config")
     lines.append("every node this VM may run on needs pve-vhost-agent installed: a migration or HA "
                  "target runs the hookscript's pre-start")
+    return lines
+
+
+def make_socket_folders(settings: Settings, vm: VmSpec) -> list[str]:
+    """The VM's socket folders, made now (pre-start would make them too): an external
+    switch (VPP/TNSR) creates its server socket there before the VM can start."""
+    lines = []
+    for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):
+        folder = settings.socket_dir(backend.value)
+        if sockets.make_folder(folder):
+            lines.append(f"socket folder {folder} made for the {backend.value} backend")
     return lines
 
 

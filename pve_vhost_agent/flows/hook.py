@@ -25,32 +25,35 @@ The same planners serve the service; this module only decides what to observe an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import subprocess
+import sys
 import time
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
-from pve_vhost_agent.plan import ovs as ovsplan
-from pve_vhost_agent.adapters import pvefs
-from pve_vhost_agent.formats import qemuargs
+from pve_vhost_agent.adapters import pvefs, qemu, sockets
 from pve_vhost_agent.adapters import storage as storagecfg
-from pve_vhost_agent.flows import tapguard
-from pve_vhost_agent.plan.args import plan_args
-from pve_vhost_agent.plan.capacity import capacity_warnings, shared_memory_need
-from pve_vhost_agent.errors import AgentError, AgentTimeout, ConfigConflict, NotFound, OvsRefused, UsageError
-from pve_vhost_agent.adapters.host import read_host_memory, unix_socket_refusal
-from pve_vhost_agent.adapters.journal import context_logger, timed_action
+from pve_vhost_agent.adapters.host import read_host_memory, read_links, unix_socket_refusal
+from pve_vhost_agent.adapters.journal import context_logger, setup_logging
+from pve_vhost_agent.adapters.specstore import load_spec
 from pve_vhost_agent.adapters.ovsdb import Ovsdb
-from pve_vhost_agent.plan.ports import port_problems
-from pve_vhost_agent.model.names import is_agent_hook, socket_vmid
-from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.model.spec import Backend, ChainedHook, VmSpec
-from pve_vhost_agent.plan.start import served_spec, stale_args, start_config
-from pve_vhost_agent.flows.vmargs import qemu_version_for, socket_dirs
+from pve_vhost_agent.errors import AgentError, AgentTimeout, ExitCode, NotFound, OvsRefused, OvsUnavailable, UsageError
+from pve_vhost_agent.flows.apply import Applied, apply_plan
+from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
-from pve_vhost_agent.formats.vmlayout import memory_layout
+from pve_vhost_agent.model.actions import OVS, DelSocket
+from pve_vhost_agent.model.names import is_agent_hook, vm_port_names
+from pve_vhost_agent.model.notes import Note
+from pve_vhost_agent.model.spec import Backend, ChainedHook, VmSpec, is_decimal
+from pve_vhost_agent.plan.hook import StartView, plan_pre_start, post_start_actions, post_start_report, undo_start
+from pve_vhost_agent.plan.ovs import plan_vm_removal
+from pve_vhost_agent.plan.ports import port_problems
+from pve_vhost_agent.plan.start import served_spec, start_config
+from pve_vhost_agent.plan.tapqinq import is_uplink
+from pve_vhost_agent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class HookCall:
 
     @classmethod
     def from_argv(cls, vmid: str, phase: str, env: Mapping[str, str]) -> "HookCall":
-        if not vmid.isdigit() or int(vmid) < 1:
+        if not is_decimal(vmid) or int(vmid) < 1:
             raise UsageError(f"VM id {vmid!r} is not a positive integer",
                              "Proxmox calls the hookscript as `<script> <vmid> <phase>`")
         if phase not in PHASES:
@@ -112,7 +115,7 @@ def has_leftovers(settings: Settings, call: HookCall, config: VmConfig | None) -
     if _stale_sockets(settings, call.vmid):
         return True
     try:
-        with Ovsdb.from_settings(settings) as db:
+        with _vm_ovsdb(settings, call.vmid) as db:
             return bool(db.snapshot().owned_ports(call.vmid))
     except AgentError:
         return False
@@ -125,6 +128,39 @@ def _has_agent_args(line: str) -> bool:
         return bool(qemuargs.agent_args(line))
     except AgentError:
         return True  # malformed around the agent's words: pre-start reports it
+
+
+def run_hook(settings: Settings, vmid: str, phase: str, env: Mapping[str, str]) -> int:
+    """One call of the hookscript, as Proxmox makes it: the exit code (pre-start's non-zero
+    aborts the start). Errors are said once, in one line; the VM's previous hookscript runs
+    after the agent's work, and a pre-start it fails is undone."""
+    call = HookCall.from_argv(vmid, phase, env)
+    vm = load_spec(settings).for_vm(call.vmid)
+    config = read_config(settings, call)
+    # Also without a spec: a clone's copied args, or what a VM left whose spec went.
+    ours = uses_agent(vm, config) or has_leftovers(settings, call, config)
+    if not ours and vm.chained_hook is None:
+        return ExitCode.OK  # not the agent's VM: silent, as Proxmox's task log should be
+    if ours:
+        setup_logging(journal=True, human_stream=sys.stdout)
+        try:
+            run_phase(settings, call, vm, config)
+        except AgentError as err:
+            fields = {"vmid": call.vmid, "phase": call.phase, "result": "failed"}
+            if call.phase == "pre-start":
+                log.error("start aborted: %s", err, extra=fields)
+                return err.exit_code
+            # Only pre-start can change what Proxmox does; later phases warn, and what is
+            # left behind is the service's to clean up.
+            log.warning("%s: %s", call.phase, err, extra=fields)
+    if vm.chained_hook is None:
+        return ExitCode.OK
+    chained = run_chained(settings, vm.chained_hook, call, env)
+    if chained != 0 and call.phase == "pre-start" and vm:
+        log.error("start aborted by the chained hookscript %s; undoing this pre-start",
+                  vm.chained_hook.hookscript, extra={"vmid": call.vmid, "phase": call.phase})
+        roll_back(settings, call, vm, config)
+    return chained
 
 
 def run_phase(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig | None) -> None:
@@ -157,80 +193,92 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
     return result.returncode
 
 
-# --- phases ---------------------------------------------------------------------------
+# --- phases: observe, plan, apply ---------------------------------------------------------
 
 
 def _pre_start(ctx: HookContext) -> None:
-    settings = ctx.settings
+    settings, vm = ctx.settings, ctx.vm
     config = _config_at_start(ctx)
-    start = start_config(config, ctx.call.migrated_from)
-    with timed_action(ctx.log, "CheckArgs", f"VM {ctx.vm.vmid}: check the args line"):
-        vm = served_spec(ctx.vm, start)  # on a migration or resume: the NICs it runs with
-        plan = plan_args(vm, start.values, qemu_version_for(vm), socket_dirs(settings))
-        stale = stale_args(vm, qemuargs.agent_args(start.values.get("args", "")), plan.args, start)
-        if stale:
-            raise stale
-    tapguard.check_taps_before_start(settings, vm, start.values, ctx.log)
-    if vm.nics:
-        with timed_action(ctx.log, "CheckMemory", f"VM {vm.vmid}: check room for shared memory"):
-            need = shared_memory_need(memory_layout(start.values))
-            for warning in capacity_warnings(vm.vmid, need, read_host_memory()):
-                ctx.log.warning("%s", warning, extra={"action": "CheckMemory", "result": "short"})
-        for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):
-            _make_folder(settings, backend)
-        _check_external_servers(ctx, vm)
-    if any(nic.backend is Backend.OVS for nic in vm.nics):
-        with Ovsdb.from_settings(settings) as db:
-            _apply(ctx, db, lambda state: ovsplan.plan_vhost_ports(vm, state, settings.socket_dir(Backend.OVS.value)))
-            _check_ports_open(ctx, db, vm)
+    needs_ovs = bool(vm.tap_qinq) or any(nic.backend is Backend.OVS for nic in vm.nics)
+    with contextlib.ExitStack() as stack:
+        db = stack.enter_context(_vm_ovsdb(settings, vm.vmid)) if needs_ovs else None
+        plan = plan_pre_start(_observe_start(settings, ctx.call, vm, config, db))
+        _say(ctx, plan.notes, plan.warnings)
+        if plan.ports and not any(a.target == OVS for a in plan.actions):
+            ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
+        applied = Applied()
+        try:
+            apply_plan(settings, plan.actions, ctx.log, db=db, applied=applied)
+            if plan.ports:
+                _await_ports_open(ctx, db, plan.served)
+        except AgentError:
+            _undo_start(ctx, db, applied)
+            raise
+
+
+def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig, db: Ovsdb | None) -> StartView:
+    """Everything pre-start decides on, read once: what the VM does not need is not read."""
+    view = StartView(vm, config, call.migrated_from, settings.socket_dirs())
+    if db is not None:
+        try:
+            view = dataclasses.replace(view, ovs=db.snapshot())
+        except OvsUnavailable as err:  # the plan says it, after the checks that need no OVS
+            view = dataclasses.replace(view, ovs_error=err)
+    if not vm.nics:
+        return view
+    backends = {nic.backend for nic in vm.nics}
+    return dataclasses.replace(
+        view,
+        qemu_version=qemu.installed_version(cache_dir=settings.run_dir),
+        memory=read_host_memory(),
+        folders={b: sockets.folder(settings.socket_dir(b.value)) for b in backends},
+        external={nic.index: unix_socket_refusal(settings.socket_dir(nic.backend.value) / nic.socket_name,
+                                                 EXTERNAL_CONNECT_TIMEOUT)
+                  for nic in vm.nics if nic.backend is Backend.EXTERNAL},
+    )
+
+
+def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
+    """A start that is aborted leaves no port behind (no other hook will run for it)."""
+    undo = undo_start(tuple(applied.done))
+    if not undo:
+        return
+    try:
+        apply_plan(ctx.settings, undo, ctx.log, db=db)
+    except AgentError as err:
+        ctx.log.warning("the ports of the aborted start were not all removed: %s; the service removes them",
+                        err, extra={"result": "failed"})
 
 
 def _post_start(ctx: HookContext) -> None:
     vm = served_spec(ctx.vm, start_config(ctx.config, ctx.call.migrated_from)) if ctx.config else ctx.vm
     if not vm.tap_qinq and not any(nic.backend is Backend.OVS for nic in vm.nics):
         return
-    with Ovsdb.from_settings(ctx.settings) as db:
-        if vm.tap_qinq:
-            _apply(ctx, db, lambda state: ovsplan.plan_tap_qinq(vm, state))
-        state = db.snapshot()
-        tapguard.warn_tap_links(vm, state, ctx.log)
-        for nic in vm.nics:
-            port = state.port(nic.port_name)
-            iface = port.interface if port else None
-            if nic.backend is not Backend.OVS:
-                continue
-            if iface is None:
-                ctx.log.warning("VM %s %s: OVS has no port %s", vm.vmid, nic.name, nic.port_name,
-                                extra={"nic": nic.name, "port": nic.port_name, "result": "missing"})
-                continue
-            # OVS says `connected` only once the guest's driver runs: report, do not wait.
-            status = ", ".join(f"{k}={v}" for k, v in sorted(iface.status.items()) if k in ("mode", "status"))
-            ctx.log.info("VM %s %s: port %s on %s: %s", vm.vmid, nic.name, nic.port_name, port.bridge,
-                         status or "no status yet",
-                         extra={"nic": nic.name, "port": nic.port_name, "bridge": port.bridge,
-                                "action": "CheckPort", "result": iface.status.get("status", "unknown")})
+    links = _tap_links(ctx) if vm.tap_qinq else None
+    uplinks = [name for name, link in (links or {}).items() if is_uplink(link)]
+    with _vm_ovsdb(ctx.settings, vm.vmid, uplinks) as db:
+        actions = post_start_actions(vm, db.snapshot())
+        if vm.tap_qinq and not actions:
+            ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
+        apply_plan(ctx.settings, actions, ctx.log, db=db)
+        notes, warnings = post_start_report(vm, db.snapshot(), links)
+    _say(ctx, notes, warnings)
 
 
 def _pre_stop(ctx: HookContext) -> None:
-    ctx.log.info("VM %s: stopping; ports and sockets are removed after the stop", ctx.vm.vmid,
-                 extra={"action": "None", "result": "ok"})
+    ctx.log.info("stopping: the agent removes its ports and sockets after the stop", extra={"result": "ok"})
 
 
 def _post_stop(ctx: HookContext) -> None:
     vmid, settings = ctx.call.vmid, ctx.settings
-    with Ovsdb.from_settings(settings) as db:
-        _apply(ctx, db, lambda state: ovsplan.plan_vm_removal(vmid, state))
+    with _vm_ovsdb(settings, vmid) as db:
+        removal = plan_vm_removal(vmid, db.snapshot())
+        if not removal:
+            ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
+        apply_plan(settings, removal, ctx.log, db=db)
     # QEMU (the server of `ovs` sockets) is gone; a socket file it left is stale. The
     # `external` folder belongs to the external switch: never touched.
-    for sock in _stale_sockets(settings, vmid):
-        try:
-            sock.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as err:
-            raise AgentError(f"cannot remove the stale socket {sock}: {err.strerror}",
-                             "remove it by hand before the next start") from err
-        ctx.log.info("VM %s: removed stale socket %s", vmid, sock, extra={"action": "DelSocket", "result": "removed"})
+    apply_plan(settings, tuple(DelSocket(vmid, str(sock)) for sock in _stale_sockets(settings, vmid)), ctx.log)
 
 
 _PHASES: dict[str, Callable[[HookContext], None]] = {
@@ -244,6 +292,27 @@ _PHASES: dict[str, Callable[[HookContext], None]] = {
 # --- helpers --------------------------------------------------------------------------
 
 
+def _say(ctx: HookContext, notes: Iterable[Note], warnings: Iterable[Note]) -> None:
+    for note in notes:
+        ctx.log.info("%s", note.text, extra={"fields": {**note.fields(), "result": "ok"}})
+    for note in warnings:
+        ctx.log.warning("%s", note.text, extra={"fields": {**note.fields(), "result": "warning"}})
+
+
+def _vm_ovsdb(settings: Settings, vmid: int, more_ports: Iterable[str] = ()) -> Ovsdb:
+    """A connection that sees only this VM's ports (and `more_ports`): a hook's cost must
+    not grow with the switch."""
+    return Ovsdb.from_settings(settings, ports=(*vm_port_names(vmid), *more_ports))
+
+
+def _tap_links(ctx: HookContext):
+    try:
+        return read_links()
+    except AgentError as err:  # a check that cannot run is a warning, not a failed post-start
+        ctx.log.warning("tap links not checked: %s", err, extra={"result": "failed"})
+        return None
+
+
 def _config_at_start(ctx: HookContext) -> VmConfig:
     """The config this start uses: during a migration it still sits in the source's folder."""
     if ctx.config is None:
@@ -255,35 +324,10 @@ def _config_at_start(ctx: HookContext) -> VmConfig:
 
 def _stale_sockets(settings: Settings, vmid: int) -> list:
     """The VM's `ovs` socket files (QEMU, their server, must be gone when this is asked)."""
-    folder = settings.socket_dir(Backend.OVS.value)
-    return [sock for sock in sorted(folder.glob(f"vm-{vmid}-*.sock"))
-            if socket_vmid(sock.name) == vmid and sock.is_socket()]
+    return sockets.vm_sockets(settings.socket_dir(Backend.OVS.value), vmid)
 
 
-def _make_folder(settings: Settings, backend: Backend) -> None:
-    folder = settings.socket_dir(backend.value)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise AgentError(f"cannot create the socket folder {folder}: {err.strerror}",
-                         f"make {folder} a folder root can write to") from err
-
-
-def _check_external_servers(ctx: HookContext, vm: VmSpec) -> None:
-    """QEMU with `reconnect` does not start until the external switch's socket accepts it."""
-    for nic in vm.nics:
-        if nic.backend is not Backend.EXTERNAL:
-            continue
-        path = ctx.settings.socket_dir(Backend.EXTERNAL.value) / nic.socket_name
-        why = unix_socket_refusal(path, EXTERNAL_CONNECT_TIMEOUT)
-        if why:
-            raise ConfigConflict(
-                f"VM {vm.vmid} {nic.name}: nothing listens on {path} ({why}), and QEMU would wait for it forever",
-                f"start VPP/TNSR first (it must create {path}), or order the VM's start after it",
-            )
-
-
-def _check_ports_open(ctx: HookContext, db: Ovsdb, vm: VmSpec) -> None:
+def _await_ports_open(ctx: HookContext, db: Ovsdb, vm: VmSpec) -> None:
     """Wait (bounded) until ovs-vswitchd reports on each port; refuse one it could not open."""
     deadline = time.monotonic() + ctx.settings.ovs_timeout
     while True:
@@ -295,21 +339,10 @@ def _check_ports_open(ctx: HookContext, db: Ovsdb, vm: VmSpec) -> None:
                              "/var/log/openvswitch/ovs-vswitchd.log), then start the VM again")
         remaining = deadline - time.monotonic()
         if not waiting:
+            ctx.log.info("ovs-vswitchd opened %s", ", ".join(nic.port_name for nic in vm.nics
+                                                            if nic.backend is Backend.OVS), extra={"result": "ok"})
             return
         if remaining <= 0:
             raise AgentTimeout(f"VM {vm.vmid}: ovs-vswitchd has not opened {', '.join(waiting)} "
                                f"within {ctx.settings.ovs_timeout:g} s", "is ovs-vswitchd running and not stuck?")
         db.wait_for_change(seqno, remaining)
-
-
-def _apply(ctx: HookContext, db: Ovsdb, plan: Callable) -> None:
-    """Observe, plan, apply; each action logged with its fields (one transaction per step)."""
-    actions = plan(db.snapshot())
-    if not actions:
-        ctx.log.info("VM %s: Open vSwitch already as planned", ctx.vm.vmid, extra={"action": "PlanOvs", "result": "unchanged"})
-        return
-    for action in actions:
-        fields = {k: getattr(action, k) for k in ("nic", "port", "bridge") if getattr(action, k, None)}
-        ctx.log.info("VM %s: %s", ctx.vm.vmid, action, extra={**fields, "action": type(action).__name__, "result": "planned"})
-    with timed_action(ctx.log, "ApplyOvs", f"VM {ctx.vm.vmid}: apply {len(actions)} Open vSwitch change(s)"):
-        db.apply(actions)

@@ -7,11 +7,11 @@ apply step, which re-checks under the VM's lock, leaves it alone.
 
 from __future__ import annotations
 
-from pve_vhost_agent.adapters import qemu
+from pve_vhost_agent.adapters import qemu, sockets
 from pve_vhost_agent.errors import AgentError, OvsUnavailable
 from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb
 from pve_vhost_agent.model.ovs import OvsState
-from pve_vhost_agent.plan.node import LocalVm, NodeState, Problem
+from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
@@ -30,7 +30,9 @@ def observe_ovs(db: Ovsdb) -> tuple[OvsState | None, Problem | None]:
         return None, Problem.of(err)
 
 
-def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem | None = None) -> NodeState:
+def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem | None = None,
+                 remember: bool = True) -> NodeState:
+    """This node as the service plans for it; `remember=False` (status, dry runs) writes nothing."""
     problems = [ovs_problem] if ovs_problem else []
     spec: ClusterSpec | None
     try:
@@ -55,7 +57,7 @@ def observe_node(settings: Settings, ovs: OvsState | None, ovs_problem: Problem 
     version = None
     if spec is not None and any(spec.for_vm(vm.vmid).nics for vm in vms if vm.enabled):
         try:
-            version = qemu.installed_version()
+            version = qemu.installed_version(cache_dir=settings.run_dir, remember=remember)
         except AgentError as err:
             problems.append(Problem.of(err))
     return NodeState(
@@ -93,11 +95,4 @@ def _remote_nodes(settings: Settings, vmids: set[int]) -> dict[int, str]:
 
 def ovs_sockets(settings: Settings) -> tuple[str, ...]:
     """Names of the socket files QEMU serves (or left) in the `ovs` socket folder."""
-    folder = settings.socket_dir(Backend.OVS.value)
-    try:
-        entries = list(folder.iterdir())
-    except FileNotFoundError:
-        return ()
-    except OSError as err:
-        raise AgentError(f"cannot list {folder}: {err.strerror}", "run the agent as root") from err
-    return tuple(sorted(p.name for p in entries if socket_vmid(p.name) is not None and p.is_socket()))
+    return tuple(p.name for p in sockets.vm_sockets(settings.socket_dir(Backend.OVS.value)))

@@ -1,20 +1,24 @@
-"""A running VM's vhost-user ports brought in step at once (`nic add|set|remove`): an edge.
+"""A running VM's ports: brought in step at once (`nic add|set|remove`), and shown (`ovs status`).
 
-The same planner and lock rule as the service: ovsplan.plan_live_vhost_ports says what a
+The same planner and lock rule as the service: plan.ovs.plan_live_vhost_ports says what a
 running QEMU can take now, and Proxmox's VM lock is held only to re-check that the VM
 still runs and to commit, never while ovs-vswitchd applies the change.
 """
 
 from __future__ import annotations
 
-from pve_vhost_agent.errors import VmChanged
-from pve_vhost_agent.flows.observe import ovs_sockets
-from pve_vhost_agent.model.actions import AddVhostPort, OvsAction, SetPortMtu, SetPortVlan
+import logging
+
 from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.flows.apply import apply_plan
+from pve_vhost_agent.flows.observe import ovs_sockets
+from pve_vhost_agent.model.names import vm_port_names
+from pve_vhost_agent.model.ovs import port_report
+from pve_vhost_agent.model.spec import Backend, VmSpec
 from pve_vhost_agent.plan.ovs import plan_live_vhost_ports
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.model.spec import Backend, VmSpec
-from pve_vhost_agent.adapters.vmstore import vm_guard
+
+log = logging.getLogger(__name__)
 
 
 def follow_running_vm(settings: Settings, spec: VmSpec, dry_run: bool) -> list[str]:
@@ -22,21 +26,17 @@ def follow_running_vm(settings: Settings, spec: VmSpec, dry_run: bool) -> list[s
     with Ovsdb.from_settings(settings) as db:
         now, later = plan_live_vhost_ports(spec, db.snapshot(), settings.socket_dir(Backend.OVS.value),
                                            ovs_sockets(settings))
-        if now and not dry_run:
-            try:
-                db.apply(now, lambda: vm_guard(settings, spec.vmid, True))
-            except VmChanged:
-                return [f"VM {spec.vmid} stopped meanwhile: its ports follow the spec at its next start"]
-    verb = "dry run: would set" if dry_run else "set"
-    lines = [f"VM {spec.vmid}: {verb} {_change(a)} (running VM, at once)" for a in now if _change(a)]
+        if dry_run:
+            return [f"VM {spec.vmid}: dry run: would {a.sentence()} (running VM, at once)" for a in now] + list(later)
+        applied = apply_plan(settings, now, log, db=db, guards={spec.vmid: True})
+    lines = [f"VM {spec.vmid}: {a.sentence()} (running VM, at once)" for a in applied.done]
+    if applied.skipped:
+        why = applied.skipped[0][1].removeprefix("skipped: ")
+        lines.append(f"VM {spec.vmid}: not changed now ({why}); its ports follow the spec at its next start")
     return lines + list(later)
 
 
-def _change(action: OvsAction) -> str:
-    if isinstance(action, SetPortVlan):
-        return f"port {action.port} VLAN to {action.vlan}"
-    if isinstance(action, SetPortMtu):
-        return f"port {action.port} MTU to {action.mtu or 'the default'}"
-    if isinstance(action, AddVhostPort):
-        return f"port {action.port} on {action.bridge} again (it was missing)"
-    return ""  # vlan-limit and datapath steps: shown by --dry-run of the plan, not here
+def port_reports(settings: Settings, vmid: int) -> list[dict]:
+    """The Open vSwitch ports the agent made or changed for VM `vmid`, as plain values."""
+    with Ovsdb.from_settings(settings, ports=vm_port_names(vmid)) as db:
+        return [port_report(port) for port in db.snapshot().owned_ports(vmid)]

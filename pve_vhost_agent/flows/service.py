@@ -17,24 +17,23 @@ import select
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 from systemd import daemon
 
-from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable, VmBusy, VmChanged
-from pve_vhost_agent.adapters.journal import context_logger, setup_logging, timed_action
+from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable
+from pve_vhost_agent.adapters.journal import setup_logging
 from pve_vhost_agent.flows.observe import observe_node, observe_ovs
 from pve_vhost_agent.plan.status import node_summary, status_line
 from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb
-from pve_vhost_agent.plan.node import (
-    ApplyTapQinQ, ApplyVhostPorts, DelSocket, NodeAction, NodePlan, NodeState, Problem, RemoveLeftovers,
-    WriteVmArgs, describe, plan_node,
-)
+from pve_vhost_agent.flows.apply import apply_plan
+from pve_vhost_agent.model.actions import OVS, Action, WriteVmArgs
+from pve_vhost_agent.plan.node import NodePlan, plan_node
+from pve_vhost_agent.plan.observed import NodeState, Problem
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import ClusterSpec
 from pve_vhost_agent.flows.vmargs import apply_vm_args
-from pve_vhost_agent.adapters.vmstore import vm_busy, vm_guard
+from pve_vhost_agent.adapters.vmstore import vm_busy
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class Service:
             self._db.close()
             self._db = None
 
-    def observe(self) -> NodeState:
+    def observe(self, remember: bool = True) -> NodeState:
         if self._db is None:
             self._db = Ovsdb.from_settings(self.settings)
         ovs, problem = observe_ovs(self._db)
@@ -105,24 +104,18 @@ class Service:
             self._seqno = self._db.change_seqno
         else:
             self.close()  # the next observation connects anew
-        return observe_node(self.settings, ovs, problem)
+        return observe_node(self.settings, ovs, problem, remember)
 
     def check(self) -> PassReport:
         """Observe and plan, apply nothing (`status`, `--dry-run`)."""
-        state = self.observe()
+        state = self.observe(remember=False)
         return PassReport(state, plan_node(state), (), _now())
 
     def run_pass(self) -> PassReport:
         when = _now()
         state = self.observe()
         plan = plan_node(state)
-        failures = []
-        for action in plan.actions:
-            if self.stopping():
-                break
-            failure = self._apply(action, state.spec)
-            if failure:
-                failures.append(failure)
+        failures = self._apply(plan, state) if plan.actions else []
         if plan.actions:  # report the node as it is now
             state = self.observe()
             plan = plan_node(state)
@@ -150,46 +143,49 @@ class Service:
 
     # --- applying ----------------------------------------------------------------------
 
-    def _apply(self, action: NodeAction, spec: ClusterSpec | None) -> Problem | None:
-        vlog = context_logger(log, vmid=action.vmid)
-        try:
-            with timed_action(vlog, type(action).__name__, describe(action)) as outcome:
-                outcome.result = self._do(action, spec)
-        except AgentError as err:
-            return Problem.of(err, action.vmid)
-        except Exception as err:  # a bug must not stop the other VMs' work
-            vlog.exception("VM %s: %s failed unexpectedly", action.vmid, type(action).__name__,
-                           extra={"action": type(action).__name__, "result": "failed"})
-            return Problem(action.vmid, f"{type(action).__name__} failed: {err!r}; please report this bug")
-        return None
+    def _apply(self, plan: NodePlan, state: NodeState) -> list[Problem]:
+        """Args first (one VM at a time: each is its own file), then every VM's port changes
+        together (a few transactions, one wait for ovs-vswitchd). When a batch fails, each
+        VM's part is tried on its own, so one VM's problem stays that VM's."""
+        failures: list[Problem] = []
+        args = [a for a in plan.actions if isinstance(a, WriteVmArgs)]
+        rest = [a for a in plan.actions if not isinstance(a, WriteVmArgs)]
+        for action in args:
+            if self.stopping():
+                return failures
+            failures += self._apply_part([action], plan, state)
+        if rest and not self.stopping():
+            failure = self._apply_part(rest, plan, state)
+            if failure and len({getattr(a, "vmid", None) for a in rest}) > 1:
+                failures = failures + [p for part in _by_vm(rest) for p in self._apply_part(part, plan, state)]
+            else:
+                failures += failure
+        return failures
 
-    def _do(self, action: NodeAction, spec: ClusterSpec | None) -> str:
-        # Never wait for a VM's lock: whoever holds it is changing the VM; look next pass.
-        if isinstance(action, WriteVmArgs):
-            if vm_busy(self.settings, action.vmid):
-                return "skipped: the VM is busy"
-            # Takes the VM lock and plans again under it, exactly as `apply` does.
-            result = apply_vm_args(self.settings, action.vmid, spec)
-            return "unchanged" if result.sync.in_sync else "changed"
-        # Proxmox's own lock, with no waiting: held only to re-check that the VM still
-        # runs (or still does not) and to commit, never while ovs-vswitchd applies the
-        # change: `qm start` and `qm migrate` wait only 10 s for it (see Ovsdb.apply).
-        fast = dataclasses.replace(self.settings, lock_timeout=0)
-        guard = lambda: vm_guard(fast, action.vmid, action.while_running)  # noqa: E731
+    def _apply_part(self, actions: list[Action], plan: NodePlan, state: NodeState) -> list[Problem]:
+        vmids = sorted({a.vmid for a in actions if getattr(a, "vmid", None) is not None})
         try:
-            if isinstance(action, DelSocket):
-                with guard():
-                    return _remove_socket(Path(action.path))
-            if isinstance(action, (ApplyTapQinQ, ApplyVhostPorts, RemoveLeftovers)):
-                if self._db is None:
-                    raise OvsUnavailable(f"no connection to OVSDB at {self.settings.ovsdb}", UNREACHABLE_FIX)
-                self._db.apply(action.actions, guard)
-                return "changed"
-        except VmBusy:
+            if self._db is None and any(a.target == OVS for a in actions):
+                raise OvsUnavailable(f"no connection to OVSDB at {self.settings.ovsdb}", UNREACHABLE_FIX)
+            # Never wait for a VM's lock: whoever holds it is changing the VM; look next pass.
+            fast = dataclasses.replace(self.settings, lock_timeout=0)
+            apply_plan(fast, actions, log, db=self._db, guards=plan.guards,
+                       write_args=lambda action: self._write_args(action, state.spec))
+        except AgentError as err:
+            return [Problem.of(err, vmids[0] if len(vmids) == 1 else None)]
+        except Exception as err:  # a bug must not stop the other VMs' work
+            log.exception("applying %s failed unexpectedly", ", ".join(a.sentence() for a in actions[:3]),
+                          extra={"result": "failed"})
+            return [Problem(vmids[0] if len(vmids) == 1 else None, f"{err!r} while applying the plan; please report this bug")]
+        return []
+
+    def _write_args(self, action: WriteVmArgs, spec: ClusterSpec | None) -> str:
+        # Never wait for a VM's lock: whoever holds it is changing the VM; look next pass.
+        if vm_busy(self.settings, action.vmid):
             return "skipped: the VM is busy"
-        except VmChanged:
-            return "skipped: the VM started or stopped meanwhile"
-        raise TypeError(f"unknown action {action!r}")
+        # Takes the VM lock and plans again under it, exactly as `apply` does.
+        result = apply_vm_args(self.settings, action.vmid, spec)
+        return "unchanged" if result.sync.in_sync else "changed"
 
     def _log_problems(self, problems: tuple[Problem, ...]) -> None:
         """Each problem once when it appears and once when it is gone, not every pass."""
@@ -202,16 +198,18 @@ class Service:
         self._reported = set(now)
 
 
-def _remove_socket(path: Path) -> str:
-    if not path.is_socket():
-        return "gone"
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return "gone"
-    except OSError as err:
-        raise AgentError(f"cannot remove {path}: {err.strerror}", "run the agent as root") from err
-    return "removed"
+def _by_vm(actions: list[Action]) -> list[list[Action]]:
+    """Each VM's actions on their own, with the node-wide ones (vlan-limit, datapath) that
+    come before them in the plan."""
+    parts: dict[int, list[Action]] = {}
+    node_wide: list[Action] = []
+    for action in actions:
+        vmid = getattr(action, "vmid", None)
+        if vmid is None:
+            node_wide.append(action)
+        else:
+            parts.setdefault(vmid, list(node_wide)).append(action)
+    return [parts[vmid] for vmid in sorted(parts)]
 
 
 def _now() -> datetime.datetime:

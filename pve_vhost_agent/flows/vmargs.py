@@ -32,20 +32,17 @@ class VmArgs:
     sync: ArgsSync
 
 
-def socket_dirs(settings: Settings) -> dict[Backend, object]:
-    return {backend: settings.socket_dir(backend.value) for backend in Backend}
-
-
-def qemu_version_for(vm: VmSpec) -> tuple[int, int, int]:
-    """The installed QEMU's version, asked only when `vm`'s args depend on it."""
+def qemu_version_for(settings: Settings, vm: VmSpec) -> tuple[int, int, int]:
+    """The installed QEMU's version, asked only when `vm`'s args depend on it. Commands ask
+    QEMU itself (hooks and the service keep the answer: see adapters/qemu)."""
     return qemu.installed_version() if vm.nics else (0, 0, 0)
 
 
 def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool,
              version: tuple[int, int, int] | None = None) -> ArgsSync:
     """Plan `vm`'s args against `config` (pass `version` when calling under a lock)."""
-    version = qemu_version_for(vm) if version is None else version
-    plan = plan_args(vm, config.effective(), version, socket_dirs(settings))
+    version = qemu_version_for(settings, vm) if version is None else version
+    plan = plan_args(vm, config.effective(), version, settings.socket_dirs())
     return sync_args(config, plan, running)
 
 
@@ -64,7 +61,7 @@ def apply_vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = N
     if first.sync.in_sync:
         return first
     vm = first.spec
-    version = qemu_version_for(vm)  # before the lock: nothing slow runs while it is held
+    version = qemu_version_for(settings, vm)  # before the lock: nothing slow runs while it is held
     result: list[ArgsSync] = []
 
     def change(config: VmConfig) -> VmConfig:
@@ -91,3 +88,19 @@ def vms_to_apply(settings: Settings, cluster: ClusterSpec) -> list[int]:
     return [vmid for vmid, config in local_vm_configs(settings)
             if isinstance(config, AgentError) or cluster.for_vm(vmid)
             or qemuargs.agent_args(config.effective().get("args", ""))]
+
+
+def apply_vms(settings: Settings, vmid: int | None, dry_run: bool) -> list[tuple[int, VmArgs | AgentError]]:
+    """`apply VMID` or, with None, every VM of this node that needs it (`apply --all`):
+    each VM's result or its error (one VM's problem never stops the others)."""
+    cluster = load_spec(settings)
+    vmids = vms_to_apply(settings, cluster) if vmid is None else [vmid]
+    results: list[tuple[int, VmArgs | AgentError]] = []
+    for one in vmids:
+        try:
+            results.append((one, vm_args(settings, one, cluster) if dry_run else apply_vm_args(settings, one, cluster)))
+        except AgentError as err:
+            if vmid is not None:
+                raise
+            results.append((one, err))
+    return results

@@ -22,10 +22,9 @@ so the same spec always gives the same bytes.
 
 from __future__ import annotations
 
-import enum
 import re
 
-from pve_vhost_agent.model import names, spec
+from pve_vhost_agent.model import fields, names, spec
 from pve_vhost_agent.errors import SpecError
 
 VHOST = "vhostuser"
@@ -36,10 +35,8 @@ _PROPERTY = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
 _VM_ID = re.compile(r"^[0-9]+$")
 # The shape of a NIC section id; names.SECTION decides which ids are valid (say net0-31).
 _SECTION_SHAPE = re.compile(r"^([0-9]+)-(net[0-9]+)$")
-_VHOST_KEYS = ("backend", "bridge", "mac", "tag", "trunks", "qinq", "cvlans", "ethertype",
-               "queues", "rx-queue-size", "tx-queue-size", "mtu")
-_QINQ_KEYS = ("qinq", "cvlans", "ethertype")
-KEYS = {VHOST: _VHOST_KEYS, QINQ: _QINQ_KEYS, VM: ("chain-hookscript",)}
+_FIELDS = {VHOST: fields.vhost_fields(), QINQ: fields.QINQ_FIELDS}
+KEYS = {**{kind: tuple(f.key for f in found) for kind, found in _FIELDS.items()}, VM: ("chain-hookscript",)}
 
 
 class _Section:
@@ -114,7 +111,9 @@ def _start_section(line: str, lineno: int, where: str) -> _Section:
 
 def _hook(section: _Section, source: str) -> spec.ChainedHook:
     try:
-        return spec.ChainedHook(int(section.ident), _Reader(section, source).text("chain-hookscript"))
+        if "chain-hookscript" not in section.props:
+            raise SpecError("the section has no `chain-hookscript` line", "add a line `<tab>chain-hookscript <value>`")
+        return spec.ChainedHook(int(section.ident), section.props["chain-hookscript"][1])
     except SpecError as err:
         raise SpecError(f"{source} line {section.lineno} ({section.kind}: {section.ident}): {err.problem}",
                         err.fix) from err
@@ -138,89 +137,39 @@ def _add_property(current: _Section | None, line: str, lineno: int, where: str) 
 
 def _entry(section: _Section, source: str) -> spec.VhostNic | spec.TapQinQ:
     """Build one entry; a bad value names its own line, a bad combination the header's."""
-    read = _Reader(section, source)
+    def at(key: str, err: SpecError) -> SpecError:
+        return SpecError(f"{source} line {section.props[key][0]}: {err.problem}", err.fix)
+
+    by_key = {f.key: f for f in _FIELDS[section.kind]}
+    values = {}
+    for key, (_lineno, text) in section.props.items():
+        try:
+            values[by_key[key].name] = by_key[key].read(text)
+        except SpecError as err:
+            raise at(key, err) from err
+    if "qinq" not in values:
+        for key in ("cvlans", "ethertype"):
+            if key in values:
+                raise at(key, SpecError(f"`{key}` is set without `qinq`", "add a `qinq <S-tag>` line or remove this one"))
+    try:
+        qinq = fields.qinq_of(values)
+    except SpecError as err:
+        raise at("qinq", err) from err
     try:
         vmid_text, nic = _SECTION_SHAPE.match(section.ident).groups()
         vmid, index = spec.check_vmid(int(vmid_text)), spec.parse_nic_name(nic)
-        qinq = read.qinq()
         if section.kind == QINQ:
             if qinq is None:
                 raise SpecError("the section has no `qinq <S-tag>` line", "add a line `<tab>qinq <1-4094>`")
             return spec.TapQinQ(vmid, index, qinq)
-        return spec.VhostNic(
-            vmid=vmid,
-            index=index,
-            bridge=read.text("bridge"),
-            mac=read.text("mac"),
-            backend=read.choice("backend", spec.Backend, spec.Backend.OVS),
-            vlan=spec.VlanPolicy(tag=read.number("tag", None), trunks=read.vlans("trunks"), qinq=qinq),
-            queues=read.number("queues", 1),
-            rx_queue_size=read.number("rx-queue-size", spec.DEFAULT_QUEUE_SIZE),
-            tx_queue_size=read.number("tx-queue-size", spec.DEFAULT_QUEUE_SIZE),
-            mtu=read.number("mtu", None),
-        )
+        for required in (f.key for f in fields.NIC_FIELDS if f.always):
+            if required not in values:
+                raise SpecError(f"the section has no `{required}` line", f"add a line `<tab>{required} <value>`")
+        scalars = {f.name: values[f.name] for f in fields.NIC_FIELDS if f.name in values}
+        return spec.VhostNic(vmid=vmid, index=index, vlan=fields.vlan_policy(values) or spec.VlanPolicy(), **scalars)
     except SpecError as err:
-        if err.problem.startswith(f"{source} line "):
-            raise
         raise SpecError(f"{source} line {section.lineno} ({section.kind}: {section.ident}): {err.problem}",
                         err.fix) from err
-
-
-class _Reader:
-    """Typed access to a section's properties; errors name the property's line."""
-
-    def __init__(self, section: _Section, source: str):
-        self.section, self.source = section, source
-
-    def _at(self, key: str, problem: str, fix: str) -> SpecError:
-        lineno = self.section.props[key][0]
-        return SpecError(f"{self.source} line {lineno}: {problem}", fix)
-
-    def text(self, key: str) -> str:
-        if key not in self.section.props:
-            raise SpecError(f"the section has no `{key}` line", f"add a line `<tab>{key} <value>`")
-        return self.section.props[key][1]
-
-    def number(self, key: str, default: int | None) -> int | None:
-        if key not in self.section.props:
-            return default
-        value = self.section.props[key][1]
-        if not value.isdigit():
-            raise self._at(key, f"{key} {value!r} is not a number", f"write {key} as a decimal number")
-        return int(value)
-
-    def vlans(self, key: str) -> tuple[int, ...]:
-        if key not in self.section.props:
-            return ()
-        try:
-            return spec.parse_vlan_list(self.section.props[key][1], key)
-        except SpecError as err:
-            raise self._at(key, err.problem, err.fix) from err
-
-    def choice(self, key: str, enum_type: type[enum.Enum], default: enum.Enum) -> enum.Enum:
-        if key not in self.section.props:
-            return default
-        value = self.section.props[key][1]
-        try:
-            return enum_type(value)
-        except ValueError as err:
-            choices = ", ".join(m.value for m in enum_type)
-            raise self._at(key, f"{key} {value!r} is not known", f"use one of: {choices}") from err
-
-    def qinq(self) -> spec.QinQ | None:
-        if "qinq" not in self.section.props:
-            for key in ("cvlans", "ethertype"):
-                if key in self.section.props:
-                    raise self._at(key, f"`{key}` is set without `qinq`", "add a `qinq <S-tag>` line or remove this one")
-            return None
-        try:
-            stag = self.number("qinq", None)
-            return spec.QinQ(stag, self.vlans("cvlans"),
-                             self.choice("ethertype", spec.EtherType, spec.EtherType.DOT1AD))
-        except SpecError as err:
-            if err.problem.startswith(f"{self.source} line "):
-                raise
-            raise self._at("qinq", err.problem, err.fix) from err
 
 
 # --- writing ------------------------------------------------------------------------
@@ -229,11 +178,9 @@ class _Reader:
 def format_entry(entry: spec.VhostNic | spec.TapQinQ) -> str:
     """One section, with its blank line at the end."""
     if isinstance(entry, spec.TapQinQ):
-        props = _qinq_props(entry.qinq)
-        kind = QINQ
+        kind, props = QINQ, fields.vlan_written(spec.VlanPolicy(qinq=entry.qinq))
     else:
-        props = _vhost_props(entry)
-        kind = VHOST
+        kind, props = VHOST, fields.written(entry)
     body = "".join(f"\t{key} {value}\n" for key, value in props)
     return f"{kind}: {names.SECTION(entry.vmid, entry.index)}\n{body}\n"
 
@@ -242,33 +189,3 @@ def format_spec(cluster: spec.ClusterSpec) -> str:
     entries = sorted((*cluster.nics, *cluster.tap_qinq), key=lambda e: e.key)
     hooks = "".join(f"{VM}: {h.vmid}\n\tchain-hookscript {h.hookscript}\n\n" for h in cluster.hooks)
     return "".join(format_entry(e) for e in entries) + hooks
-
-
-def _vhost_props(nic: spec.VhostNic) -> list[tuple[str, str]]:
-    props = [("bridge", nic.bridge), ("mac", nic.mac)]
-    if nic.backend != spec.Backend.OVS:
-        props.append(("backend", nic.backend.value))
-    if nic.vlan.tag is not None:
-        props.append(("tag", str(nic.vlan.tag)))
-    if nic.vlan.trunks:
-        props.append(("trunks", spec.format_vlan_list(nic.vlan.trunks)))
-    if nic.vlan.qinq:
-        props.extend(_qinq_props(nic.vlan.qinq))
-    if nic.queues != 1:
-        props.append(("queues", str(nic.queues)))
-    if nic.rx_queue_size != spec.DEFAULT_QUEUE_SIZE:
-        props.append(("rx-queue-size", str(nic.rx_queue_size)))
-    if nic.tx_queue_size != spec.DEFAULT_QUEUE_SIZE:
-        props.append(("tx-queue-size", str(nic.tx_queue_size)))
-    if nic.mtu is not None:
-        props.append(("mtu", str(nic.mtu)))
-    return props
-
-
-def _qinq_props(qinq: spec.QinQ) -> list[tuple[str, str]]:
-    props = [("qinq", str(qinq.stag))]
-    if qinq.cvlans:
-        props.append(("cvlans", spec.format_vlan_list(qinq.cvlans)))
-    if qinq.ethertype != spec.EtherType.DOT1AD:
-        props.append(("ethertype", qinq.ethertype.value))
-    return props

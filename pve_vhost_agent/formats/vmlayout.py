@@ -13,8 +13,10 @@ from typing import Mapping
 
 from pve_vhost_agent.errors import ConfigConflict
 from pve_vhost_agent.model.names import nic_index
+from pve_vhost_agent.model.spec import is_decimal
 
 DEFAULT_MEMORY_MIB = 512  # qemu-server's default when `memory` is absent
+MIN_MEMORY_MIB, MAX_MEMORY_MIB = 16, 8 * 1024 * 1024  # qemu-server's own bounds for `memory`
 _VIRTIOFS_KEY = re.compile(r"^virtiofs[0-9]+$")
 # NIC models qemu-server knows; `virtio=MAC` is the legacy spelling of model + macaddr.
 NET_MODELS = ("virtio", "e1000", "e1000-82540em", "e1000-82544gc", "e1000-82545em", "e1000e",
@@ -66,7 +68,7 @@ def parse_net(index: int, value: str) -> NetDevice:
         model=model,
         mac=mac.upper(),
         bridge=props.get("bridge", ""),
-        tag=int(tag) if tag and tag.isdigit() else None,
+        tag=int(tag) if tag and is_decimal(tag) else None,
         trunks=props.get("trunks", ""),
         firewall=props.get("firewall", "0") == "1",
     )
@@ -122,9 +124,10 @@ def memory_layout(config: Mapping[str, str]) -> MemoryLayout:
         mib = DEFAULT_MEMORY_MIB
     else:
         current = parse_property_string(raw, default_key="current").get("current", "")
-        if not current.isdigit():
+        if not is_decimal(current) or not MIN_MEMORY_MIB <= int(current) <= MAX_MEMORY_MIB:
             raise ConfigConflict(
-                f"memory {raw!r} in the VM config is not a size in MiB",
+                f"memory {raw!r} in the VM config is not a size Proxmox accepts "
+                f"({MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB)",
                 "fix it with `qm set <vmid> --memory <MiB>`",
             )
         mib = int(current)

@@ -24,3 +24,12 @@ class Link:
     kind: str  # "veth", "tun", "bond", "bridge", "openvswitch", "" for plain devices
     up: bool
     master: int | None  # index of the bridge/bond this link is enslaved to
+
+
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    """A folder the agent keeps sockets in, as found: missing, fine, or why not to trust it."""
+
+    path: str
+    exists: bool
+    problem: str = ""  # e.g. "writable by others (mode 0777)"; '' when it can be used

@@ -106,3 +106,8 @@ def hook_volume(storage: str) -> str:
 def is_agent_hook(value: str | None) -> bool:
     """True for a `hookscript:` value naming the agent's hookscript, on any storage."""
     return bool(value) and value.split(":", 1)[-1] == f"snippets/{HOOK_NAME}"
+
+
+def vm_port_names(vmid: int) -> tuple[str, ...]:
+    """Every OVS port name that can be the VM's: its vhost-user ports and Proxmox's taps."""
+    return tuple(VHOST_PORT(vmid, i) for i in range(MAX_NICS)) + tuple(TAP(vmid, i) for i in range(MAX_NICS))

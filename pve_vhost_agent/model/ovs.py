@@ -11,6 +11,9 @@ import dataclasses
 import json
 from typing import Iterable, Iterator, Mapping
 
+from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.model.spec import EtherType, QinQ, VlanPolicy, format_vlan_list, is_decimal
+
 PREFIX = "pve-vhost-agent:"
 OWNER = PREFIX + "owner"  # what the agent owns of the row: one of the OWNS_* values
 VMID = PREFIX + "vmid"
@@ -87,6 +90,46 @@ class PortVlan:
             parts.append(f"{QINQ_ETHTYPE}={self.qinq_ethtype}")
         return " ".join(parts)
 
+    def describe(self) -> str:
+        """In the words `nic list` uses (VlanPolicy.describe) where the columns say a declared
+        mode; Proxmox's own modes (native-untagged, ...) by their OVS name."""
+        policy = self.as_policy()
+        if policy is not None:
+            return policy.describe()
+        parts = [self.mode] if self.mode else []
+        if self.tag is not None:
+            parts.append(f"VLAN tag {self.tag}")
+        if self.trunks:
+            parts.append(f"trunks {format_vlan_list(self.trunks)}")
+        return ", ".join(parts)
+
+    def as_policy(self) -> VlanPolicy | None:
+        """The declared VLAN mode these columns carry (None: a mode the agent never declares)."""
+        try:
+            if self.mode == "dot1q-tunnel" and self.tag is not None and not self.trunks:
+                return VlanPolicy(qinq=QinQ(self.tag, self.cvlans, EtherType(self.qinq_ethtype or EtherType.DOT1AD.value)))
+            if self.cvlans or self.qinq_ethtype:
+                return None
+            if self.mode in ("", "access") and self.tag is not None and not self.trunks:
+                return VlanPolicy(tag=self.tag)
+            if self.mode in ("", "trunk") and self.tag is None:
+                return VlanPolicy(trunks=self.trunks)
+        except (ValueError, AgentError):
+            return None
+        return None
+
+    @classmethod
+    def of_policy(cls, policy: VlanPolicy) -> "PortVlan":
+        """The Port columns that carry a NIC's declared VLAN policy."""
+        if policy.qinq:
+            q = policy.qinq
+            return cls("dot1q-tunnel", q.stag, (), q.cvlans, q.ethertype.value)
+        if policy.tag is not None:
+            return cls("access", policy.tag)
+        if policy.trunks:
+            return cls("trunk", None, policy.trunks)
+        return cls()
+
     def to_json(self) -> str:
         """The compact form kept in `external_ids` (tap ports' saved settings)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
@@ -143,7 +186,7 @@ class OvsPort:
     @property
     def vmid(self) -> int | None:
         text = self.external_ids.get(VMID, "")
-        return int(text) if text.isdigit() else None
+        return int(text) if is_decimal(text) else None
 
     @property
     def nic(self) -> str:
@@ -196,14 +239,14 @@ class OvsState:
     def vlan_limit(self) -> int:
         """The effective vlan-limit (0 means no limit beyond the datapath's)."""
         text = self.other_config.get("vlan-limit", "")
-        return int(text) if text.isdigit() else DEFAULT_VLAN_LIMIT
+        return int(text) if is_decimal(text) else DEFAULT_VLAN_LIMIT
 
     def datapaths_in_use(self) -> tuple[str, ...]:
         return tuple(sorted({b.datapath for b in self.bridges}))
 
     def probed_headers(self, datapath: str) -> int | None:
         text = self.probed_vlan_headers.get(datapath, "")
-        return int(text) if text.isdigit() else None
+        return int(text) if is_decimal(text) else None
 
     def owned_ports(self, vmid: int | None = None) -> tuple[OvsPort, ...]:
         """Ports the agent created or changed, optionally only those of VM `vmid`."""
@@ -224,8 +267,13 @@ def port_report(port: OvsPort) -> dict:
         "nic": port.nic,
         "type": iface.type or "system",
         "socket": iface.socket_path or None,
-        "vlan": str(port.vlan),
-        "saved_vlan": str(saved) if saved else None,
+        "vlan": port.vlan.describe(),
+        "vlan_mode": port.vlan.mode or None,
+        "tag": port.vlan.tag,
+        "trunks": list(port.vlan.trunks),
+        "cvlans": list(port.vlan.cvlans),
+        "qinq_ethtype": port.vlan.qinq_ethtype or None,
+        "saved_vlan": saved.describe() if saved else None,
         "ofport": iface.ofport,
         "link_state": iface.link_state or None,
         "admin_state": iface.admin_state or None,

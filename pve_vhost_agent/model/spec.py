@@ -78,6 +78,17 @@ class VlanPolicy:
         for vid in self.trunks:
             check_vlan(vid, "trunk VLAN")
 
+    def describe(self) -> str:
+        """In an operator's words: `S-tag 950 (802.1ad), C-VLANs 10,20`, `VLAN tag 10`."""
+        if self.qinq:
+            text = f"S-tag {self.qinq.stag} ({self.qinq.ethertype.value})"
+            return text + (f", C-VLANs {format_vlan_list(self.qinq.cvlans)}" if self.qinq.cvlans else "")
+        if self.tag is not None:
+            return f"VLAN tag {self.tag}"
+        if self.trunks:
+            return f"trunks {format_vlan_list(self.trunks)}"
+        return "all VLANs"
+
     @property
     def mode(self) -> str:
         """The OVS `vlan_mode` this policy asks for ('' leaves OVS's default)."""
@@ -134,6 +145,15 @@ class VhostNic:
         """The OVS port (and interface) name: like Proxmox's tap names, `vhu<vmid>i<N>`."""
         return names.vhost_port(self.vmid, self.index)
 
+    def describe(self) -> str:
+        parts = [f"vhost-user on bridge {self.bridge}", f"backend {self.backend.value}", f"MAC {self.mac}",
+                 self.vlan.describe()]
+        if self.queues != 1:
+            parts.append(f"{self.queues} queues")
+        if self.mtu is not None:
+            parts.append(f"MTU {self.mtu}")
+        return ", ".join(parts)
+
     @property
     def socket_name(self) -> str:
         """The socket file name, as in the TNSR recipe: `vm-<vmid>-<N>.sock`."""
@@ -164,6 +184,9 @@ class TapQinQ:
     def port_name(self) -> str:
         """Proxmox's tap device for this NIC (pve-common names it so)."""
         return names.tap_device(self.vmid, self.index)
+
+    def describe(self) -> str:
+        return f"QinQ on {self.port_name}, {VlanPolicy(qinq=self.qinq).describe()}"
 
 
 _VOLUME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*:snippets/[A-Za-z0-9._+-]+")
@@ -274,6 +297,11 @@ class ClusterSpec:
 # --- validation helpers -------------------------------------------------------------
 
 
+def is_decimal(text: str, max_digits: int = 10) -> bool:
+    """Only ASCII digits, and not too many: `str.isdigit` accepts `²`, which int() refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= max_digits
+
+
 def check_vmid(vmid: int) -> int:
     # Proxmox VM ids are 100..999999999; smaller ids exist only in tests of its own.
     if not isinstance(vmid, int) or isinstance(vmid, bool) or not 1 <= vmid <= 999_999_999:
@@ -309,7 +337,7 @@ def parse_vlan_list(text: str, what: str = "VLAN list") -> tuple[int, ...]:
         if not part:
             raise SpecError(f"{what} {text!r} has an empty item", "write it like 10,20-30")
         bounds = part.split("-")
-        if len(bounds) > 2 or not all(b.isdigit() for b in bounds):
+        if len(bounds) > 2 or not all(is_decimal(b) for b in bounds):
             raise SpecError(f"{what} {text!r} has a bad item {part!r}", "write it like 10,20-30")
         low, high = int(bounds[0]), int(bounds[-1])
         check_vlan(low, what)

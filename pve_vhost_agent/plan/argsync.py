@@ -16,6 +16,7 @@ from typing import Mapping
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.plan.args import ArgsPlan
 from pve_vhost_agent.formats.vmconfig import MAIN, PENDING, VmConfig
+from pve_vhost_agent.model.names import args_nic_index, nic_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,35 +68,74 @@ def sync_args(config: VmConfig, plan: ArgsPlan, running: bool) -> ArgsSync:
 
 
 def describe_changes(current: tuple[str, ...], planned: tuple[str, ...]) -> tuple[str, ...]:
-    """Human lines naming what differs between the agent's args now and the plan, per id."""
-    now, want = _by_id(current), _by_id(planned)
+    """What differs between the agent's args now and the plan, in an operator's words
+    ("memory changed from 4096 to 6144 MiB since the args were written")."""
+    now, want = _view(current), _view(planned)
     lines = []
-    for ident in sorted({i for _, i in now} | {i for _, i in want}):
-        have = {k: p for (k, i), p in now.items() if i == ident}
-        need = {k: p for (k, i), p in want.items() if i == ident}
-        if not need:
-            lines.append(f"{ident}: in args but no longer planned")
-        elif not have:
-            lines.append(f"{ident}: planned but not in args")
+    if now.memory != want.memory:
+        if now.memory and want.memory:
+            lines.append(f"memory changed from {_mib(now.memory)} to {_mib(want.memory)} MiB since the args were written")
+        elif want.memory:
+            lines.append("the shared memory backend is missing from the args")
         else:
-            for kind in sorted(set(have) | set(need)):
-                old, new = have.get(kind), need.get(kind)
-                if old is None or new is None:
-                    lines.append(f"{ident}: -{kind} " + ("missing" if old is None else "no longer planned"))
-                elif old != new:
-                    diffs = [f"{k} {old.get(k, '(none)')} -> {new.get(k, '(none)')}"
-                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-                    lines.append(f"{ident}: -{kind} " + ", ".join(diffs))
+            lines.append("the args share guest memory, which is no longer needed")
+    for index in sorted(set(now.nics) | set(want.nics)):
+        net = nic_name(index)
+        if index not in want.nics:
+            lines.append(f"{net} is in the args but no longer declared")
+        elif index not in now.nics:
+            lines.append(f"{net} is declared but not in the args")
+        else:
+            lines += [f"{net}: {what}" for what in _nic_changes(now.nics[index], want.nics[index])]
     if not lines and current != planned:
         lines.append("the agent's args are in a different order than planned")
     return tuple(lines)
 
 
-def _by_id(args: tuple[str, ...]) -> dict[tuple[str, str], dict[str, str]]:
-    """(option kind, id) -> properties; `-machine memory-backend=X` counts under id X."""
-    out = {}
+@dataclasses.dataclass
+class _ArgsView:
+    memory: str = ""  # the backend's size, e.g. 4096M ('' when there is none)
+    nics: dict[int, dict[tuple[str, str], str]] = dataclasses.field(default_factory=dict)  # (option, key) -> value
+
+
+def _view(args: tuple[str, ...]) -> _ArgsView:
+    view = _ArgsView()
     for pair in qemuargs.option_pairs(qemuargs.split_args(" ".join(args))):
         props = pair.props
-        ident = props.get("id") or props.get("memory-backend") or pair.value.text
-        out[(pair.kind, ident)] = props
+        index = args_nic_index(props.get("id", ""))
+        if index is not None:
+            nic = view.nics.setdefault(index, {})
+            nic.update({(pair.kind, key): value for key, value in props.items() if key != "id"})
+        elif pair.kind == "object":
+            view.memory = props.get("size", "?")
+    return view
+
+
+# What an operator calls the option keys the agent writes.
+_ASPECTS = {
+    ("chardev", "path"): "socket", ("device", "mac"): "MAC", ("device", "host_mtu"): "MTU",
+    ("device", "rx_queue_size"): "rx queue size", ("device", "tx_queue_size"): "tx queue size",
+    ("netdev", "queues"): "queue pairs", ("device", "addr"): "PCI slot", ("device", "bus"): "PCI bus",
+}
+_SOCKET_ROLE = ("server", "wait", "reconnect", "reconnect-ms")
+
+
+def _nic_changes(old: dict[tuple[str, str], str], new: dict[tuple[str, str], str]) -> list[str]:
+    out = []
+    role = [k for k in sorted(set(old) | set(new)) if k[0] == "chardev" and k[1] in _SOCKET_ROLE]
+    if any(old.get(k) != new.get(k) for k in role):
+        out.append(f"socket options changed from {_role(old)} to {_role(new)}")
+    for key in sorted(set(old) | set(new)):
+        if key in role or old.get(key) == new.get(key):
+            continue
+        name = _ASPECTS.get(key, f"{key[1]}")
+        out.append(f"{name} changed from {old.get(key, 'none')} to {new.get(key, 'none')}")
     return out
+
+
+def _role(props: dict[tuple[str, str], str]) -> str:
+    return ",".join(f"{k}={props[('chardev', k)]}" for k in _SOCKET_ROLE if ("chardev", k) in props) or "none"
+
+
+def _mib(size: str) -> str:
+    return size[:-1] if size.endswith("M") else size

@@ -6,59 +6,13 @@ error naming the problem and the fix. The CLI reads the files and writes the res
 
 from __future__ import annotations
 
-import dataclasses
 
 from pve_vhost_agent.model import spec
+from pve_vhost_agent.model.fields import NicChange
 from pve_vhost_agent.plan import tapqinq as tapcheck
 from pve_vhost_agent.errors import ConfigConflict, NotFound, SpecError
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
 from pve_vhost_agent.formats.vmlayout import NetDevice, net_devices
-
-
-@dataclasses.dataclass(frozen=True)
-class NicChange:
-    """Fields of a vhost-user NIC given on the command line; None leaves a field as it is."""
-
-    bridge: str | None = None
-    backend: spec.Backend | None = None
-    vlan: spec.VlanPolicy | None = None
-    mac: str | None = None
-    queues: int | None = None
-    rx_queue_size: int | None = None
-    tx_queue_size: int | None = None
-    mtu: int | None = None
-
-
-def vlan_policy(tag: int | None, trunks: str | None, qinq: spec.QinQ | None, no_vlan: bool = False) -> spec.VlanPolicy | None:
-    """The VLAN mode the options ask for; None when they name none."""
-    given = [name for name, value in (("--tag", tag), ("--trunks", trunks), ("--qinq", qinq)) if value is not None]
-    if no_vlan and given:
-        raise SpecError(f"--no-vlan and {given[0]} contradict each other", "give one of them")
-    if len(given) > 1:
-        raise SpecError(f"a NIC can have only one VLAN mode, got {' and '.join(given)}", "choose one of --tag, --trunks or --qinq")
-    if no_vlan:
-        return spec.VlanPolicy()
-    if not given:
-        return None
-    if trunks is not None:
-        return spec.VlanPolicy(trunks=spec.parse_vlan_list(trunks, "trunk VLAN list"))
-    if tag is not None:
-        return spec.VlanPolicy(tag=spec.check_vlan(tag, "VLAN tag"))
-    return spec.VlanPolicy(qinq=qinq)
-
-
-def qinq_policy(stag: int | None, cvlans: str | None, ethertype: str | None) -> spec.QinQ | None:
-    """The dot1q-tunnel settings the options ask for; cvlans and ethertype need an S-tag."""
-    if stag is None:
-        for option, value in (("--cvlans", cvlans), ("--ethertype", ethertype)):
-            if value is not None:
-                raise SpecError(f"{option} applies only to a QinQ (dot1q-tunnel) NIC", f"add --qinq <S-tag>, or drop {option}")
-        return None
-    return spec.QinQ(
-        stag=spec.check_vlan(stag, "S-tag"),
-        cvlans=spec.parse_vlan_list(cvlans, "customer VLAN list") if cvlans is not None else (),
-        ethertype=spec.EtherType(ethertype) if ethertype is not None else spec.EtherType.DOT1AD,
-    )
 
 
 def vm_nets(config: VmConfig) -> dict[int, tuple[str, NetDevice]]:
@@ -79,21 +33,22 @@ def add_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange,
         raise ConfigConflict(f"VM {vmid} already has `{nets[index][0]}` in its config",
                              f"pick a free netN for the vhost-user NIC{hint}")
     _must_be_undeclared(cluster, vmid, index)
-    if change.bridge is None:
+    values = dict(change.values)
+    bridge = values.pop("bridge", None)
+    if bridge is None:
         raise SpecError("a vhost-user NIC needs a bridge", "give --bridge <OVS bridge>")
-    mac = _free_mac(cluster, vmid, index, change.mac, nets)
-    nic = spec.VhostNic(vmid=vmid, index=index, bridge=change.bridge, mac=mac)
-    return cluster.with_entry(_changed(nic, dataclasses.replace(change, bridge=None, mac=None)))
+    mac = _free_mac(cluster, vmid, index, values.pop("mac", None), nets)
+    nic = spec.VhostNic(vmid=vmid, index=index, bridge=bridge, mac=mac)
+    return cluster.with_entry(NicChange(values, change.vlan).applied_to(nic))
 
 
 def set_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange, config: VmConfig) -> spec.ClusterSpec:
     """Change the given fields of a declared vhost-user NIC."""
     nic = _vhost_entry(cluster, vmid, index)
-    if change.mac is not None:
-        mac = spec.check_mac(change.mac)
-        if mac != nic.mac:
-            _free_mac(cluster.without(vmid, index), vmid, index, mac, vm_nets(config))
-    return cluster.with_entry(_changed(nic, change))
+    mac = change.values.get("mac")
+    if mac is not None and spec.check_mac(mac) != nic.mac:
+        _free_mac(cluster.without(vmid, index), vmid, index, mac, vm_nets(config))
+    return cluster.with_entry(change.applied_to(nic))
 
 
 def remove_nic(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.ClusterSpec:
@@ -166,8 +121,3 @@ def _free_mac(cluster: spec.ClusterSpec, vmid: int, index: int, wanted: str | No
         raise ConfigConflict(f"MAC {mac} is already used by net{vm_macs[mac]} of VM {vmid}",
                              "give another --mac, or leave it out to get a unique one")
     return mac
-
-
-def _changed(nic: spec.VhostNic, change: NicChange) -> spec.VhostNic:
-    fields = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
-    return dataclasses.replace(nic, **{name: value for name, value in fields.items() if value is not None})

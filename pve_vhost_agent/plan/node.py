@@ -9,144 +9,32 @@ hook phases.
 
 A VM whose Proxmox lock is held (a start, stop, migration or `qm set` under way) is never
 touched: between pre-start and QEMU's pidfile its ports are needed. Actions that depend
-on whether a VM runs say so (`while_running`); the service applies them only under the
-VM's lock, after checking that again.
+on whether a VM runs are listed in the plan's `guards` (VM id -> runs); the service applies
+them only under the VM's lock, after checking that again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import ClassVar, Mapping, Union
+from typing import Mapping
 
+from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.model.actions import Action, DelPort, DelSocket, RestoreTapVlan, WriteVmArgs
+from pve_vhost_agent.model.names import socket_vmid
+from pve_vhost_agent.model.spec import Backend
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import sync_args
-from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.model.actions import OvsAction
+from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.plan.ovs import plan_gc, plan_live_vhost_ports, plan_tap_qinq
-from pve_vhost_agent.model.ovs import OvsState
-from pve_vhost_agent.model.names import is_agent_hook, socket_vmid
-from pve_vhost_agent.model.spec import Backend, ClusterSpec
-from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
-
-
-# --- what was observed ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """Something the service cannot fix by itself: one line, problem and fix."""
-
-    vmid: int | None
-    message: str
-    exit_code: int = int(ExitCode.FAILURE)
-
-    @classmethod
-    def of(cls, err: AgentError, vmid: int | None = None) -> "Problem":
-        return cls(vmid, str(err), int(err.exit_code))
-
-    def __str__(self) -> str:
-        if self.vmid is None or f"VM {self.vmid}" in self.message:
-            return self.message
-        return f"VM {self.vmid}: {self.message}"
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalVm:
-    """A VM whose config lives in this node's folder."""
-
-    vmid: int
-    config: VmConfig
-
-    @property
-    def enabled(self) -> bool:
-        """The agent's hookscript is set: the agent keeps its args and ports."""
-        return is_agent_hook(self.config.section(MAIN).get("hookscript"))
-
-    @property
-    def proxmox_lock(self) -> str:
-        """`lock:` of the config (backup, snapshot, ...): Proxmox refuses config writes then."""
-        return self.config.section(MAIN).get("lock", "")
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeState:
-    """One observation of this node. `spec`, `ovs` or `qemu_version` is None when it could
-    not be read; `problems` then says why."""
-
-    vms: tuple[LocalVm, ...] = ()
-    running: frozenset[int] = frozenset()  # QEMU runs here (pidfile of a live process)
-    busy: frozenset[int] = frozenset()  # Proxmox's VM lock is held
-    remote_nodes: Mapping[int, str] = dataclasses.field(default_factory=dict)  # VMs living elsewhere
-    spec: ClusterSpec | None = ClusterSpec()
-    ovs: OvsState | None = None
-    ovs_sockets: tuple[str, ...] = ()  # socket file names in the `ovs` socket folder
-    socket_dirs: Mapping[Backend, Path] = dataclasses.field(default_factory=dict)
-    qemu_version: tuple[int, int, int] | None = None
-    problems: tuple[Problem, ...] = ()
-
-    @property
-    def enabled_vms(self) -> tuple[LocalVm, ...]:
-        return tuple(vm for vm in self.vms if vm.enabled)
-
-
-# --- what the service does --------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class WriteVmArgs:
-    """Write VM `vmid`'s args line as `apply` would (pending when it runs)."""
-
-    vmid: int
-    reason: str
-    while_running: ClassVar[bool | None] = None  # apply_vm_args takes the VM lock itself
-
-
-@dataclasses.dataclass(frozen=True)
-class ApplyVhostPorts:
-    """A running VM's vhost-user ports as declared again: VLAN and MTU in place, a missing
-    port QEMU serves a socket for added again (ovsplan.plan_live_vhost_ports)."""
-
-    vmid: int
-    actions: tuple[OvsAction, ...]
-    while_running: ClassVar[bool | None] = True
-
-
-@dataclasses.dataclass(frozen=True)
-class ApplyTapQinQ:
-    """QinQ back on a running VM's tap ports (Proxmox re-plugged them), or taps restored."""
-
-    vmid: int
-    actions: tuple[OvsAction, ...]
-    while_running: ClassVar[bool | None] = True
-
-
-@dataclasses.dataclass(frozen=True)
-class RemoveLeftovers:
-    """Undo what the agent made in OVS for a VM that does not run here."""
-
-    vmid: int
-    reason: str
-    actions: tuple[OvsAction, ...]
-    while_running: ClassVar[bool | None] = False
-
-
-@dataclasses.dataclass(frozen=True)
-class DelSocket:
-    """A socket file QEMU left in the `ovs` socket folder (never the `external` one)."""
-
-    vmid: int
-    path: str
-    while_running: ClassVar[bool | None] = False
-
-
-NodeAction = Union[WriteVmArgs, ApplyVhostPorts, ApplyTapQinQ, RemoveLeftovers, DelSocket]
 
 
 @dataclasses.dataclass(frozen=True)
 class NodePlan:
-    actions: tuple[NodeAction, ...] = ()
+    actions: tuple[Action, ...] = ()
     problems: tuple[Problem, ...] = ()
+    # VM id -> whether its actions need it running (True) or stopped (False); the service
+    # checks that again under the VM's lock. Args writes take that lock themselves.
+    guards: Mapping[int, bool] = dataclasses.field(default_factory=dict)
     # Busy VMs that have something to do once their lock is free: worth an early look.
     deferred: tuple[int, ...] = ()
     # Declared changes a running VM gets only at its next start (one line each).
@@ -154,46 +42,52 @@ class NodePlan:
 
 
 def plan_node(state: NodeState) -> NodePlan:
-    """Everything to do on this node now; a VM the planners refuse gives a Problem."""
-    plan = _plan(state)
-    if not state.busy:
-        return plan
-    unlocked = _plan(dataclasses.replace(state, busy=frozenset()))
-    waiting = {a.vmid for a in unlocked.actions} | {p.vmid for p in unlocked.problems}
-    return dataclasses.replace(plan, deferred=tuple(sorted(waiting & state.busy)))
+    """Everything to do on this node now; a VM the planners refuse gives a Problem.
 
-
-def _plan(state: NodeState) -> NodePlan:
+    A VM whose lock is held is planned like the others, but its work is only noted
+    (`deferred`): whoever holds the lock is changing it.
+    """
     problems = list(state.problems)
-    args: list[NodeAction] = []
-    qinq: list[NodeAction] = []
+    args: list[Action] = []
+    ports: list[Action] = []
     later: list[str] = []
-    for vm in state.enabled_vms:
-        if vm.vmid in state.busy or state.spec is None:
-            continue
-        try:
-            action = _args_action(vm, state)
-            if action:
-                args.append(action)
-            if vm.vmid in state.running and state.ovs is not None:
-                folder = state.socket_dirs.get(Backend.OVS)
-                if folder is not None:
-                    ports, waiting = plan_live_vhost_ports(state.spec.for_vm(vm.vmid), state.ovs, folder,
-                                                           state.ovs_sockets)
+    guards: dict[int, bool] = {}
+    if state.spec is not None:
+        for vm in state.enabled_vms:
+            try:
+                action = _args_action(vm, state)
+                if action:
+                    args.append(action)
+                if vm.vmid in state.running and state.ovs is not None:
+                    vm_ports, waiting = _live_ports(vm, state)
                     later += waiting
-                    if ports:
-                        qinq.append(ApplyVhostPorts(vm.vmid, ports))
-                taps = plan_tap_qinq(state.spec.for_vm(vm.vmid), state.ovs)
-                if taps:
-                    qinq.append(ApplyTapQinQ(vm.vmid, taps))
-        except AgentError as err:
-            problems.append(Problem.of(err, vm.vmid))
+                    ports += vm_ports
+                    guards.update({a.vmid: True for a in vm_ports if getattr(a, "vmid", None) is not None})
+            except AgentError as err:
+                problems.append(Problem.of(err, vm.vmid))
     live = state.running | state.busy
+    leftovers = _leftovers(state, live) + _stale_sockets(state, live)
+    guards.update({a.vmid: False for a in leftovers})
+    actions = tuple(args) + tuple(ports) + leftovers
+    busy = state.busy
+    deferred = {a.vmid for a in actions if getattr(a, "vmid", None) in busy} | {p.vmid for p in problems if p.vmid in busy}
     return NodePlan(
-        tuple(args) + tuple(qinq) + _leftovers(state, live) + _stale_sockets(state, live),
-        tuple(problems),
-        at_next_start=tuple(later),
+        tuple(a for a in actions if getattr(a, "vmid", None) not in busy),
+        tuple(p for p in problems if p.vmid not in busy or p in state.problems),
+        {vmid: running for vmid, running in guards.items() if vmid not in busy},
+        tuple(sorted(deferred)),
+        tuple(later),
     )
+
+
+def _live_ports(vm: LocalVm, state: NodeState) -> tuple[tuple[Action, ...], tuple[str, ...]]:
+    """A running VM's vhost-user ports and tap QinQ as declared again."""
+    spec = state.spec.for_vm(vm.vmid)
+    folder = state.socket_dirs.get(Backend.OVS)
+    ports, waiting = (), ()
+    if folder is not None:
+        ports, waiting = plan_live_vhost_ports(spec, state.ovs, folder, state.ovs_sockets)
+    return ports + plan_tap_qinq(spec, state.ovs), waiting
 
 
 def _args_action(vm: LocalVm, state: NodeState) -> WriteVmArgs | None:
@@ -210,28 +104,26 @@ def _args_action(vm: LocalVm, state: NodeState) -> WriteVmArgs | None:
     return WriteVmArgs(vm.vmid, "; ".join(sync.changes))
 
 
-def _leftovers(state: NodeState, live: frozenset[int]) -> tuple[NodeAction, ...]:
+def _leftovers(state: NodeState, live: frozenset[int]) -> tuple[Action, ...]:
+    """Undo what the agent made in OVS for VMs that do not run here, saying why."""
     if state.ovs is None:
         return ()
-    by_vm: dict[int, list[OvsAction]] = {}
-    for action in plan_gc(live, state.ovs):
-        by_vm.setdefault(state.ovs.port(action.port).vmid, []).append(action)
-    return tuple(RemoveLeftovers(vmid, _why_gone(state, vmid), tuple(actions))
-                 for vmid, actions in sorted(by_vm.items()))
+    return tuple(dataclasses.replace(action, reason=_why_gone(state, action.vmid))
+                 for action in plan_gc(live, state.ovs))
 
 
 def _why_gone(state: NodeState, vmid: int) -> str:
     if vmid in state.remote_nodes:
-        return f"VM {vmid} lives on node {state.remote_nodes[vmid]} now (migrated away)"
+        return f"VM {vmid} migrated to node {state.remote_nodes[vmid]}"
     local = next((vm for vm in state.vms if vm.vmid == vmid), None)
     if local is None:
-        return f"VM {vmid} has no config on any node (destroyed)"
+        return f"VM {vmid} was destroyed"
     if not local.enabled:
-        return f"VM {vmid} does not run here and the agent's hookscript is off"
-    return f"VM {vmid} does not run (a failed start, or a stop without post-stop)"
+        return f"VM {vmid} does not run and its hookscript is not the agent's"
+    return f"VM {vmid} does not run: a failed start or a stop without post-stop"
 
 
-def _stale_sockets(state: NodeState, live: frozenset[int]) -> tuple[NodeAction, ...]:
+def _stale_sockets(state: NodeState, live: frozenset[int]) -> tuple[Action, ...]:
     folder = state.socket_dirs.get(Backend.OVS)
     if folder is None:
         return ()
@@ -241,18 +133,3 @@ def _stale_sockets(state: NodeState, live: frozenset[int]) -> tuple[NodeAction, 
         if vmid is not None and vmid not in live:
             stale.append(DelSocket(vmid, str(folder / name)))
     return tuple(sorted(stale, key=lambda a: (a.vmid, a.path)))
-
-
-def describe(action: NodeAction) -> str:
-    """What an action does, for logs and humans (repr() gives every field)."""
-    if isinstance(action, WriteVmArgs):
-        return f"VM {action.vmid}: write its args line ({action.reason})"
-    if isinstance(action, DelSocket):
-        return f"VM {action.vmid}: remove the stale socket {action.path}"
-    steps = ", ".join(f"{type(a).__name__} {getattr(a, 'port', getattr(a, 'datapath_type', ''))}".rstrip()
-                      for a in action.actions)
-    if isinstance(action, ApplyTapQinQ):
-        return f"VM {action.vmid}: tap ports as declared again: {steps}"
-    if isinstance(action, ApplyVhostPorts):
-        return f"VM {action.vmid}: vhost-user ports as declared again: {steps}"
-    return f"{action.reason}: {steps}"

@@ -19,7 +19,7 @@ from typing import Iterable
 
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
 from pve_vhost_agent.model.actions import (
-    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, OvsAction,
+    AddVhostPort, CheckVlanHeaders, DelPort, DropDatapath, EnsureBridge, EnsureDatapath, Action,
     ReplaceVhostPort, RestoreTapVlan, SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
 )
 from pve_vhost_agent.model.ovs import RESTART_FIX, OWNS_DATAPATH, OWNS_PORT, OWNS_VLAN, VHOST_CLIENT, OvsPort, OvsState, PortVlan
@@ -29,26 +29,14 @@ VHOST_DATAPATH = "netdev"  # vhost-user ports need the userspace datapath
 QINQ_VLAN_LIMIT = 2
 
 
-def port_vlan(policy: VlanPolicy) -> PortVlan:
-    """The Port columns that carry a NIC's VLAN policy."""
-    if policy.qinq:
-        q = policy.qinq
-        return PortVlan("dot1q-tunnel", q.stag, (), q.cvlans, q.ethertype.value)
-    if policy.tag is not None:
-        return PortVlan("access", policy.tag)
-    if policy.trunks:
-        return PortVlan("trunk", None, policy.trunks)
-    return PortVlan()
-
-
-def plan_vm(spec: VmSpec, state: OvsState, socket_dir: Path, *, create_bridges: bool = True) -> tuple[OvsAction, ...]:
+def plan_vm(spec: VmSpec, state: OvsState, socket_dir: Path, *, create_bridges: bool = True) -> tuple[Action, ...]:
     """Everything for a running VM: its vhost-user ports and QinQ on its taps."""
     return plan_vhost_ports(spec, state, socket_dir, create_bridges=create_bridges) + plan_tap_qinq(spec, state)
 
 
 def plan_vhost_ports(
     spec: VmSpec, state: OvsState, socket_dir: Path, *, create_bridges: bool = True
-) -> tuple[OvsAction, ...]:
+) -> tuple[Action, ...]:
     """Bridges, vlan-limit and vhost-user ports for `spec`'s OVS-backed NICs.
 
     Owned vhost-user ports of the VM that the spec no longer lists are deleted.
@@ -56,25 +44,25 @@ def plan_vhost_ports(
     nics = tuple(n for n in spec.nics if n.backend is Backend.OVS)
     if nics:
         _check_vhost_support(state)
-    bridges: list[OvsAction] = []
+    bridges: list[Action] = []
     for name in sorted({n.bridge for n in nics}):
         bridges.extend(_ensure_bridge(name, state, create_bridges))
     qinq_datapaths = {VHOST_DATAPATH} if any(n.vlan.qinq for n in nics) else set()
 
-    ports: list[OvsAction] = []
+    ports: list[Action] = []
     wanted = set()
     for nic in nics:
         wanted.add(nic.port_name)
         ports.extend(_vhost_port(nic, state, socket_dir))
     for port in state.owned_ports(spec.vmid):
         if port.owner == OWNS_PORT and port.name not in wanted:
-            ports.append(DelPort(port.name, port.bridge))
+            ports.append(DelPort(port.name, port.bridge, spec.vmid))
     return _with_vlan_limit(state, qinq_datapaths, bridges + ports)
 
 
 def plan_live_vhost_ports(
     spec: VmSpec, state: OvsState, socket_dir: Path, served: Iterable[str]
-) -> tuple[tuple[OvsAction, ...], tuple[str, ...]]:
+) -> tuple[tuple[Action, ...], tuple[str, ...]]:
     """For a running VM: (the port changes safe now, what takes effect at its next start).
 
     VLAN columns and MTU change in place, and a port QEMU serves a socket for (`served`:
@@ -82,7 +70,7 @@ def plan_live_vhost_ports(
     to is never deleted or replaced, and bridges are made only at pre-start (a new one
     must be probed with the right vlan-limit before any port of a running VM needs it).
     """
-    now: list[OvsAction] = []
+    now: list[Action] = []
     later: list[str] = []
     sockets = set(served)
     for action in plan_vhost_ports(spec, state, socket_dir):
@@ -99,7 +87,7 @@ def plan_live_vhost_ports(
 _PREPARATIONS = (SetVlanLimit, DropDatapath, EnsureDatapath, CheckVlanHeaders)
 
 
-def _not_while_running(action: OvsAction, state: OvsState, served: set[str]) -> str:
+def _not_while_running(action: Action, state: OvsState, served: set[str]) -> str:
     if isinstance(action, EnsureBridge):
         return f"creating bridge {action.bridge}"
     if isinstance(action, ReplaceVhostPort):
@@ -114,9 +102,9 @@ def _not_while_running(action: OvsAction, state: OvsState, served: set[str]) -> 
     return ""
 
 
-def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[OvsAction, ...]:
+def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[Action, ...]:
     """dot1q-tunnel on the VM's Proxmox tap ports; restore taps the spec no longer lists."""
-    actions: list[OvsAction] = []
+    actions: list[Action] = []
     datapaths = set()
     wanted = set()
     for entry in spec.tap_qinq:
@@ -130,7 +118,7 @@ def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[OvsAction, ...]:
             raise _foreign(port, f"VM {entry.vmid} {entry.name}")
         datapaths.add(state.bridge(port.bridge).datapath)
         wanted.add(port.name)
-        vlan = port_vlan(VlanPolicy(qinq=entry.qinq))
+        vlan = PortVlan.of_policy(VlanPolicy(qinq=entry.qinq))
         if port.owner == OWNS_VLAN and port.vlan == vlan:
             continue
         saved = port.vlan if not port.owner else (port.saved_vlan or PortVlan())
@@ -141,12 +129,12 @@ def plan_tap_qinq(spec: VmSpec, state: OvsState) -> tuple[OvsAction, ...]:
     return _with_vlan_limit(state, datapaths, actions)
 
 
-def plan_vm_removal(vmid: int, state: OvsState) -> tuple[OvsAction, ...]:
+def plan_vm_removal(vmid: int, state: OvsState) -> tuple[Action, ...]:
     """Post-stop: delete the VM's vhost-user ports, give its taps back Proxmox's settings."""
     return tuple(_undo(port) for port in state.owned_ports(vmid))
 
 
-def plan_gc(live_vmids: Iterable[int], state: OvsState) -> tuple[OvsAction, ...]:
+def plan_gc(live_vmids: Iterable[int], state: OvsState) -> tuple[Action, ...]:
     """Undo what the agent did for VMs not in `live_vmids` (e.g. migrated away: no hook ran)."""
     live = set(live_vmids)
     return tuple(_undo(p) for p in state.owned_ports() if p.vmid is not None and p.vmid not in live)
@@ -155,10 +143,10 @@ def plan_gc(live_vmids: Iterable[int], state: OvsState) -> tuple[OvsAction, ...]
 # --- pieces -------------------------------------------------------------------------
 
 
-def _vhost_port(nic: VhostNic, state: OvsState, socket_dir: Path) -> tuple[OvsAction, ...]:
+def _vhost_port(nic: VhostNic, state: OvsState, socket_dir: Path) -> tuple[Action, ...]:
     add = AddVhostPort(
         nic.port_name, nic.bridge, nic.vmid, nic.name, str(socket_dir / nic.socket_name),
-        port_vlan(nic.vlan), nic.mtu,
+        PortVlan.of_policy(nic.vlan), nic.mtu,
     )
     port = state.port(nic.port_name)
     if port is None:
@@ -172,15 +160,15 @@ def _vhost_port(nic: VhostNic, state: OvsState, socket_dir: Path) -> tuple[OvsAc
         return (ReplaceVhostPort(f"interface is not a single {VHOST_CLIENT}", add),)
     if iface.socket_path != add.socket:
         return (ReplaceVhostPort(f"socket {iface.socket_path} -> {add.socket}", add),)
-    actions: list[OvsAction] = []
+    actions: list[Action] = []
     if port.vlan != add.vlan:
-        actions.append(SetPortVlan(port.name, add.vlan))
+        actions.append(SetPortVlan(port.name, add.vlan, nic.vmid))
     if iface.mtu_request != nic.mtu:
-        actions.append(SetPortMtu(port.name, nic.mtu))
+        actions.append(SetPortMtu(port.name, nic.mtu, nic.vmid))
     return tuple(actions)
 
 
-def _ensure_bridge(name: str, state: OvsState, create: bool) -> tuple[OvsAction, ...]:
+def _ensure_bridge(name: str, state: OvsState, create: bool) -> tuple[Action, ...]:
     bridge = state.bridge(name)
     if bridge is None:
         if not create:
@@ -209,14 +197,14 @@ def _check_vhost_support(state: OvsState) -> None:
         )
 
 
-def _with_vlan_limit(state: OvsState, qinq_datapaths: set[str], actions: list[OvsAction]) -> tuple[OvsAction, ...]:
+def _with_vlan_limit(state: OvsState, qinq_datapaths: set[str], actions: list[Action]) -> tuple[Action, ...]:
     limit = _vlan_limit(state, qinq_datapaths)
     if not actions:  # nothing to change: no need to learn what a datapath probed
         limit = tuple(a for a in limit if isinstance(a, SetVlanLimit))
     return limit + tuple(actions)
 
 
-def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[OvsAction, ...]:
+def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[Action, ...]:
     """vlan-limit for QinQ on ports of these datapath types; refuse what is not safe.
 
     Each datapath probes its VLAN depth once, when ovs-vswitchd creates it, bounded by
@@ -232,7 +220,7 @@ def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[OvsAction, .
         return ()
     limit = state.vlan_limit
     if limit == 0 or limit >= QINQ_VLAN_LIMIT:
-        actions: list[OvsAction] = []
+        actions: list[Action] = []
         for dp in sorted(qinq_datapaths):
             probed = state.probed_headers(dp)
             if probed is not None and probed < QINQ_VLAN_LIMIT:
@@ -259,13 +247,13 @@ def _vlan_limit(state: OvsState, qinq_datapaths: set[str]) -> tuple[OvsAction, .
     )
 
 
-def _undo(port: OvsPort) -> OvsAction:
-    return DelPort(port.name, port.bridge) if port.owner == OWNS_PORT else _restore(port)
+def _undo(port: OvsPort) -> Action:
+    return DelPort(port.name, port.bridge, port.vmid) if port.owner == OWNS_PORT else _restore(port)
 
 
 def _restore(port: OvsPort) -> RestoreTapVlan:
     # A saved value someone mangled gives Proxmox's default: no tag, all VLANs.
-    return RestoreTapVlan(port.name, port.saved_vlan or PortVlan())
+    return RestoreTapVlan(port.name, port.saved_vlan or PortVlan(), port.vmid)
 
 
 def _foreign(port: OvsPort, wanted_by: str) -> OwnershipError:

@@ -9,7 +9,8 @@ import datetime
 from typing import Sequence
 
 from pve_vhost_agent.model.ovs import OWNS_PORT, OWNS_VLAN
-from pve_vhost_agent.plan.node import NodePlan, NodeState, Problem
+from pve_vhost_agent.plan.node import NodePlan
+from pve_vhost_agent.plan.observed import NodeState, Problem
 
 MAX_PROBLEM_CHARS = 200  # systemctl status shows one line; keep the first problem readable
 
@@ -24,7 +25,7 @@ def node_summary(state: NodeState, plan: NodePlan, failures: Sequence[Problem] =
         "vhost_ports": None,
         "connected": None,
         "qinq_taps": None,
-        "pending": [repr(action) for action in plan.actions],
+        "pending": [{"sentence": action.sentence(), **action.fields()} for action in plan.actions],
         "problems": [str(p) for p in (*plan.problems, *failures)],
         "at_next_start": list(plan.at_next_start),
     }

@@ -131,7 +131,7 @@ def _uplinks(state: OvsState, bridge: str, links: Mapping[str, Link]) -> list[tu
             continue
         for iface in port.interfaces:
             link = links.get(iface.name)
-            if iface.type not in _KERNEL_IFACE_TYPES or link is None or not _is_uplink(link):
+            if iface.type not in _KERNEL_IFACE_TYPES or link is None or not is_uplink(link):
                 continue
             found.append((link, link.name))
             if link.kind == "bond":
@@ -139,7 +139,8 @@ def _uplinks(state: OvsState, bridge: str, links: Mapping[str, Link]) -> list[tu
     return found
 
 
-def _is_uplink(link: Link) -> bool:
+def is_uplink(link: Link) -> bool:
+    """A kernel link that can carry a bridge's traffic off the host (not a guest's tap, a bridge or OVS)."""
     return link.kind not in _NOT_UPLINK_KINDS and not is_guest_device(link.name)
 
 

@@ -8,13 +8,11 @@ import pytest
 
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.status import node_summary, status_line
-from pve_vhost_agent.model.actions import DelPort, RestoreTapVlan, SetTapQinQ
+from pve_vhost_agent.model.actions import DelPort, DelSocket, RestoreTapVlan, SetTapQinQ, WriteVmArgs
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.formats.qemuargs import merge_agent_args
-from pve_vhost_agent.plan.node import (
-    ApplyTapQinQ, DelSocket, LocalVm, NodePlan, NodeState, Problem, RemoveLeftovers, WriteVmArgs,
-    describe, plan_node,
-)
+from pve_vhost_agent.plan.node import NodePlan, plan_node
+from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.model.spec import Backend, ClusterSpec, QinQ, TapQinQ, VhostNic
 from pve_vhost_agent.formats.vmconfig import VmConfig
 
@@ -84,7 +82,7 @@ def test_a_node_in_step_plans_nothing():
 
 def test_memory_changed_on_a_stopped_vm_rewrites_its_args():
     plan = plan_node(node(config(100, BASE.replace("4096", "8192"), memory_in_args=4096)))
-    assert plan == NodePlan((WriteVmArgs(100, "vhu-mem: -object size 4096M -> 8192M"),))
+    assert plan == NodePlan((WriteVmArgs(100, "memory changed from 4096 to 8192 MiB since the args were written"),))
 
 
 @pytest.mark.parametrize("vm, why", [
@@ -98,7 +96,7 @@ def test_stale_args_left_alone(vm, why):
 def test_a_vm_without_spec_loses_only_agent_args_once_enabled():
     vm = config(102, BASE + "args: -smbios type=1 -object memory-backend-memfd,id=vhu-mem,size=4096M,share=on "
                 "-machine memory-backend=vhu-mem\n", synced=False)
-    assert plan_node(node(vm)).actions == (WriteVmArgs(102, "vhu-mem: in args but no longer planned"),)
+    assert plan_node(node(vm)).actions == (WriteVmArgs(102, "the args share guest memory, which is no longer needed"),)
 
 
 def test_a_refused_vm_is_a_problem_and_the_others_still_get_their_plan():
@@ -120,14 +118,15 @@ def test_no_qemu_version_no_args_decision():
 
 def test_a_re_plugged_tap_of_a_running_vm_gets_qinq_back():
     plan = plan_node(node(config(100), running=[100], ports=[vhost(100), tap(100, PVE_TAG)]))
-    assert plan.actions == (ApplyTapQinQ(100, (SetTapQinQ("tap100i0", 100, "net0", TUNNEL, PVE_TAG),)),)
-    assert describe(plan.actions[0]) == "VM 100: tap ports as declared again: SetTapQinQ tap100i0"
+    assert plan.actions == (SetTapQinQ("tap100i0", 100, "net0", TUNNEL, PVE_TAG),)
+    assert plan.guards == {100: True}  # applied only while the VM still runs
+    assert plan.actions[0].sentence() == "make Proxmox's tap100i0 a QinQ port: S-tag 950 (802.1ad)"
 
 
 def test_a_qinq_entry_removed_while_running_restores_proxmox_settings():
     spec = dataclasses.replace(SPEC, tap_qinq=())
     plan = plan_node(node(config(100), running=[100], ports=[vhost(100), tap(100, TUNNEL, owned=True)], spec=spec))
-    assert plan.actions == (ApplyTapQinQ(100, (RestoreTapVlan("tap100i0", PVE_TAG),)),)
+    assert plan.actions == (RestoreTapVlan("tap100i0", PVE_TAG, 100),) and plan.guards == {100: True}
 
 
 def test_a_running_vm_whose_tap_is_not_in_ovs_is_a_problem():
@@ -146,21 +145,23 @@ def test_taps_of_stopped_vms_are_not_qinq_work():
 def test_ports_and_sockets_of_a_vm_migrated_away_are_removed():
     plan = plan_node(node(ports=[vhost(100), tap(100, TUNNEL, owned=True)], remote={100: "pve2"},
                           sockets=["vm-100-1.sock", "vm-100-x.sock", "other.sock"]))
+    gone = "VM 100 migrated to node pve2"
     assert plan.actions == (
-        RemoveLeftovers(100, "VM 100 lives on node pve2 now (migrated away)",
-                        (DelPort("vhu100i1", "vhostbr0"), RestoreTapVlan("tap100i0", PVE_TAG))),
+        DelPort("vhu100i1", "vhostbr0", 100, gone), RestoreTapVlan("tap100i0", PVE_TAG, 100, gone),
         DelSocket(100, "/run/pve-vhost-agent/ovs/vm-100-1.sock"),
     )
+    assert plan.guards == {100: False}  # applied only while the VM still does not run here
+    assert plan.actions[0].sentence() == "remove vhost-user port vhu100i1 from vhostbr0 (VM 100 migrated to node pve2)"
 
 
 @pytest.mark.parametrize("vm, reason", [
-    (config(100), "VM 100 does not run (a failed start, or a stop without post-stop)"),
-    (config(100, hook=False, synced=False), "VM 100 does not run here and the agent's hookscript is off"),
-    (None, "VM 100 has no config on any node (destroyed)"),
+    (config(100), "VM 100 does not run: a failed start or a stop without post-stop"),
+    (config(100, hook=False, synced=False), "VM 100 does not run and its hookscript is not the agent's"),
+    (None, "VM 100 was destroyed"),
 ])
 def test_leftovers_say_why(vm, reason):
     state = node(*([vm] if vm else []), ports=[vhost(100)])
-    assert plan_node(state).actions == (RemoveLeftovers(100, reason, (DelPort("vhu100i1", "vhostbr0"),)),)
+    assert plan_node(state).actions == (DelPort("vhu100i1", "vhostbr0", 100, reason),)
 
 
 def test_a_busy_vm_is_never_touched_but_looked_at_again_soon():
@@ -188,7 +189,7 @@ def test_without_ovs_only_args_and_sockets_are_planned():
 def test_an_unreadable_spec_still_collects_leftovers():
     problem = Problem(None, "spec file line 3: bad", 3)
     plan = plan_node(node(config(100, synced=False), ports=[vhost(101)], spec=None, problems=(problem,)))
-    assert [type(a) for a in plan.actions] == [RemoveLeftovers] and plan.problems == (problem,)
+    assert [type(a) for a in plan.actions] == [DelPort] and plan.problems == (problem,)
 
 
 # --- the status line ----------------------------------------------------------------------
@@ -223,9 +224,8 @@ def test_status_line_when_ovs_is_down():
 def test_a_running_vm_gets_its_port_back_and_hears_what_waits_for_its_next_start():
     gone = node(config(100), running=[100], ports=[tap(100, TUNNEL, owned=True)], sockets=["vm-100-1.sock"])
     plan = plan_node(gone)
-    assert [type(a).__name__ for a in plan.actions] == ["ApplyVhostPorts"]
-    assert [type(a).__name__ for a in plan.actions[0].actions] == ["AddVhostPort"]
-    assert describe(plan.actions[0]) == "VM 100: vhost-user ports as declared again: AddVhostPort vhu100i1"
+    assert [type(a).__name__ for a in plan.actions] == ["AddVhostPort"] and plan.guards == {100: True}
+    assert plan.actions[0].sentence() == "add vhost-user port vhu100i1 on vhostbr0: all VLANs"
 
     not_served = plan_node(dataclasses.replace(gone, ovs_sockets=()))
     assert not_served.actions == () and not_served.at_next_start == (

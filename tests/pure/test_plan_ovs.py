@@ -1,8 +1,10 @@
 """The OVS planner as tables: a VM spec and an observed OVS state in, actions out (no OVS)."""
 
-from pathlib import Path
-
 import pytest
+
+from builders import (
+    DPDK_TYPES, MAC, PVE_TAG_20, QINQ_950, SOCKETS, TUNNEL_950, ids, nic, ovs_state, tap_port, vhost_port,
+)
 
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
 from pve_vhost_agent.model.actions import (
@@ -10,7 +12,7 @@ from pve_vhost_agent.model.actions import (
     SetPortVlan, SetTapQinQ, SetVlanLimit, CheckVlanHeaders, DropDatapath, EnsureDatapath,
 )
 from pve_vhost_agent.plan.ovs import (
-    plan_gc, plan_live_vhost_ports, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal, port_vlan,
+    plan_gc, plan_live_vhost_ports, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal,
 )
 from pve_vhost_agent.model.ovs import (
     FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan,
@@ -19,41 +21,7 @@ from pve_vhost_agent.model.spec import (
     Backend, EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec,
 )
 
-SOCKETS = Path("/run/pve-vhost-agent/ovs")
-MAC = "02:00:00:00:01:00"
-DPDK_TYPES = ("dpdk", "dpdkvhostuser", "dpdkvhostuserclient", "internal", "system", "tap")
-QINQ_950 = VlanPolicy(qinq=QinQ(950, (10, 11), EtherType.DOT1Q))
-TUNNEL_950 = PortVlan("dot1q-tunnel", 950, (), (10, 11), "802.1q")
-PVE_TAG_20 = PortVlan("", 20)  # what Proxmox's pve-bridge gives a NIC with tag=20
-
-
-def nic(index=0, bridge="vhostbr0", vlan=VlanPolicy(), **kw):
-    return VhostNic(100, index, bridge, MAC[:-1] + str(index), vlan=vlan, **kw)
-
-
-def ids(owner, vmid=100, nic="net0", **extra):
-    return FrozenMap({"pve-vhost-agent:owner": owner, "pve-vhost-agent:vmid": str(vmid),
-                      "pve-vhost-agent:nic": nic, **extra})
-
-
-def vhost_port(name="vhu100i0", bridge="vhostbr0", vlan=PortVlan(), socket=str(SOCKETS / "vm-100-0.sock"),
-               external_ids=ids("port"), mtu=None, iface_type="dpdkvhostuserclient"):
-    iface = OvsInterface(name, iface_type, FrozenMap({"vhost-server-path": socket}), mtu_request=mtu)
-    return OvsPort(name, bridge, vlan, external_ids, (iface,))
-
-
-def tap_port(name="tap100i1", bridge="vmbr0", vlan=PVE_TAG_20, external_ids=FrozenMap()):
-    return OvsPort(name, bridge, vlan, external_ids, (OvsInterface(name),))
-
-
-def state(*ports, bridges=(OvsBridge("vhostbr0", "netdev"), OvsBridge("vmbr0", "netdev")),
-          vlan_limit="2", probed=(("netdev", "2"),), iface_types=DPDK_TYPES, datapaths=None):
-    return OvsState(
-        bridges=tuple(bridges), ports=tuple(ports),
-        other_config=FrozenMap({"vlan-limit": vlan_limit} if vlan_limit else {}),
-        iface_types=iface_types, probed_vlan_headers=FrozenMap(dict(probed)),
-        datapath_owners=FrozenMap({dp: "datapath" for dp, _ in dict(probed).items()} if datapaths is None else datapaths),
-    )
+state = ovs_state
 
 
 def add(n, vlan=PortVlan(), mtu=None, socket=None):
@@ -61,11 +29,11 @@ def add(n, vlan=PortVlan(), mtu=None, socket=None):
 
 
 def test_port_vlan_maps_each_policy_to_ovs_columns():
-    assert port_vlan(VlanPolicy()) == PortVlan()
-    assert port_vlan(VlanPolicy(tag=10)) == PortVlan("access", 10)
-    assert port_vlan(VlanPolicy(trunks=(10, 20))) == PortVlan("trunk", None, (10, 20))
-    assert port_vlan(QINQ_950) == TUNNEL_950
-    assert port_vlan(VlanPolicy(qinq=QinQ(7))) == PortVlan("dot1q-tunnel", 7, (), (), "802.1ad")
+    assert PortVlan.of_policy(VlanPolicy()) == PortVlan()
+    assert PortVlan.of_policy(VlanPolicy(tag=10)) == PortVlan("access", 10)
+    assert PortVlan.of_policy(VlanPolicy(trunks=(10, 20))) == PortVlan("trunk", None, (10, 20))
+    assert PortVlan.of_policy(QINQ_950) == TUNNEL_950
+    assert PortVlan.of_policy(VlanPolicy(qinq=QinQ(7))) == PortVlan("dot1q-tunnel", 7, (), (), "802.1ad")
 
 
 FRESH = state(bridges=(), vlan_limit="")
@@ -95,15 +63,15 @@ VHOST_TABLE = [
     ("external backend: nothing for OVS", (nic(backend=Backend.EXTERNAL),), FRESH, ()),
     ("in place already", (nic(vlan=QINQ_950),), state(vhost_port(vlan=TUNNEL_950)), ()),
     ("VLAN changed", (nic(vlan=VlanPolicy(tag=30)),), state(vhost_port(vlan=TUNNEL_950)),
-     (SetPortVlan("vhu100i0", PortVlan("access", 30)),)),
-    ("MTU changed and dropped", (nic(),), state(vhost_port(mtu=9000)), (SetPortMtu("vhu100i0", None),)),
+     (SetPortVlan("vhu100i0", PortVlan("access", 30), 100),)),
+    ("MTU changed and dropped", (nic(),), state(vhost_port(mtu=9000)), (SetPortMtu("vhu100i0", None, 100),)),
     ("socket path changed: delete and re-add", (nic(),), state(vhost_port(socket="/old/vm-100-0.sock")),
      (ReplaceVhostPort(f"socket /old/vm-100-0.sock -> {SOCKETS}/vm-100-0.sock", add(nic())),)),
     ("bridge changed: delete and re-add", (nic(bridge="vhostbr1"),), state(vhost_port()),
      (EnsureBridge("vhostbr1", "netdev"), ReplaceVhostPort("bridge vhostbr0 -> vhostbr1", add(nic(bridge="vhostbr1"))))),
     ("NIC left the spec: its port goes, foreign and other VMs' ports stay", (),
      state(vhost_port(), vhost_port("vhu101i0", external_ids=ids("port", 101)), vhost_port("vhu100i5", external_ids=FrozenMap())),
-     (DelPort("vhu100i0", "vhostbr0"),)),
+     (DelPort("vhu100i0", "vhostbr0", 100),)),
 ]
 
 
@@ -166,7 +134,7 @@ TAP_TABLE = [
      state(tap_port(vlan=PortVlan("native-untagged", 20, (20, 30)))),
      (SetTapQinQ("tap100i1", 100, "net1", TUNNEL_950, PortVlan("native-untagged", 20, (20, 30))),)),
     ("QinQ left the spec: restore Proxmox's settings", (),
-     state(tap_port(vlan=TUNNEL_950, external_ids=TAPPED)), (RestoreTapVlan("tap100i1", PVE_TAG_20),)),
+     state(tap_port(vlan=TUNNEL_950, external_ids=TAPPED)), (RestoreTapVlan("tap100i1", PVE_TAG_20, 100),)),
     ("QinQ on a tap with vlan-limit 0", (TAP,), state(tap_port(), vlan_limit="0"),
      (SetTapQinQ("tap100i1", 100, "net1", TUNNEL_950, PVE_TAG_20),)),
 ]
@@ -210,16 +178,16 @@ MIXED = state(
 
 def test_removal_deletes_the_vms_ports_and_restores_its_taps_only():
     assert plan_vm_removal(100, MIXED) == (
-        DelPort("vhu100i0", "vhostbr0"),
-        DelPort("vhu100i2", "vhostbr0"),
-        RestoreTapVlan("tap100i1", PVE_TAG_20),
-        RestoreTapVlan("tap100i3", PortVlan()),  # a mangled saved value restores Proxmox's default
+        DelPort("vhu100i0", "vhostbr0", 100),
+        DelPort("vhu100i2", "vhostbr0", 100),
+        RestoreTapVlan("tap100i1", PVE_TAG_20, 100),
+        RestoreTapVlan("tap100i3", PortVlan(), 100),  # a mangled saved value restores Proxmox's default
     )
     assert plan_vm_removal(102, MIXED) == ()
 
 
 def test_gc_undoes_only_what_belongs_to_vms_that_are_gone():
-    assert plan_gc([100], MIXED) == (DelPort("vhu101i0", "vhostbr0"),)
+    assert plan_gc([100], MIXED) == (DelPort("vhu101i0", "vhostbr0", 101),)
     assert {a.port for a in plan_gc([], MIXED)} == {"tap100i1", "tap100i3", "vhu100i0", "vhu100i2", "vhu101i0"}
 
 
@@ -239,7 +207,7 @@ def test_saved_vlan_survives_its_external_ids_form():
 SERVED = {"vm-100-0.sock"}  # QEMU of the running VM serves net0's socket only
 LIVE_TABLE = [
     ("VLAN and MTU change in place", (nic(vlan=VlanPolicy(tag=20), mtu=9000),), state(vhost_port(vlan=PortVlan("access", 10))),
-     (SetPortVlan("vhu100i0", PortVlan("access", 20)), SetPortMtu("vhu100i0", 9000)), ()),
+     (SetPortVlan("vhu100i0", PortVlan("access", 20), 100), SetPortMtu("vhu100i0", 9000, 100)), ()),
     ("a port deleted by hand comes back while QEMU serves its socket", (nic(),), state(), (add(nic()),), ()),
     ("a NIC the running QEMU does not have waits", (nic(), nic(1)), state(vhost_port()), (),
      ("VM 100: port vhu100i1 (the running QEMU has no net1 yet) takes effect at the next start",)),

@@ -64,7 +64,7 @@ def test_copied_args_name_the_clone_and_the_fix():
     assert "VM 200 has the agent's vhost-user args but no spec; they use the socket of VM 100" in no_spec
     assert "pve-vhost-agent apply 200" in no_spec and "nic add 200" in no_spec
     declared = str(stale_args(VmSpec(200, (nic(1, 200),)), copied, tuple(nic_args(200, 1)), start))
-    assert "vm-100-1.sock -> " in declared and "a clone or restore copied that VM's args" in declared
+    assert "net1: socket changed from /run/pve-vhost-agent/ovs/vm-100-1.sock to " in declared and "a clone or restore copied that VM's args" in declared
     assert stale_args(VmSpec(200, (nic(1, 200),)), tuple(nic_args(200, 1)), tuple(nic_args(200, 1)), start) is None
 
 
