@@ -23,7 +23,7 @@ def call_hook(root, *argv: str, **env) -> subprocess.CompletedProcess:
 
 def test_the_hookscript_is_an_executable_python_script():
     assert os.access(HOOKSCRIPT, os.X_OK)
-    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3\n")
+    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3 -I\n")  # isolated: no PYTHONPATH, no script dir
 
 
 @pytest.mark.parametrize("phase", ["pre-start", "post-start", "pre-stop", "post-stop"])
@@ -66,10 +66,11 @@ def test_a_spec_whose_vm_config_is_gone_aborts_pre_start(pve_root):
 
 def test_a_malformed_spec_file_aborts_pre_start_with_the_line(pve_root):
     pve_root.write_vm(100, VM)
-    pve_root.spec_file.write_text("vhostuser: 100-net1\n\tbridge brv\n\tmac 02:00:00:00:00:01\n\ttag 5000\n")
+    pve_root.spec_file(100).parent.mkdir(parents=True)
+    pve_root.spec_file(100).write_text("vhostuser: 100-net1\n\tbridge brv\n\tmac 02:00:00:00:00:01\n\ttag 5000\n")
     result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
     assert result.returncode == 3
-    assert b"pve-vhost-agent.cfg line 1 (vhostuser: 100-net1): VLAN tag 5000 is outside 1-4094" in result.stderr
+    assert b"pve-vhost-agent/100.cfg line 1 (vhostuser: 100-net1): VLAN tag 5000 is outside 1-4094" in result.stderr
 
 
 def test_install_hook_puts_an_executable_copy_into_the_storage(pve_root):

@@ -15,7 +15,6 @@ import os
 import re
 from typing import TextIO
 
-from systemd import journal as sd_journal
 
 SYSLOG_IDENTIFIER = "pve-vhost-agent"
 # journald's native socket. `systemd.journal.send` drops entries silently when it is
@@ -77,12 +76,18 @@ def guard_text(text: str) -> str:
 class JournalHandler(logging.Handler):
     """Sends each record to journald with the agent's structured fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        from systemd import journal  # only a process that logs to journald loads python3-systemd
+
+        self._send = journal.send
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
             if record.exc_info:
                 message = f"{message}\n{(self.formatter or logging.Formatter()).formatException(record.exc_info)}"
-            sd_journal.send(
+            self._send(
                 message,
                 CODE_FILE=record.pathname,
                 CODE_LINE=record.lineno,

@@ -1,6 +1,14 @@
-"""Loading and changing the cluster-wide spec file /etc/pve/pve-vhost-agent.cfg (an edge).
+"""The declared spec in /etc/pve: one file per VM, changed under the cluster lock (an edge).
 
-Every node may change the file, so a change is made under Proxmox's cluster lock
+Each VM's declarations are /etc/pve/pve-vhost-agent/<vmid>.cfg, as Proxmox keeps one
+config file per VM: a hook reads only its own VM's file, whatever the cluster holds, and
+no file comes near pmxcfs's 1 MiB limit. The single file of earlier versions,
+/etc/pve/pve-vhost-agent.cfg, is still read, and split into per-VM files (then removed)
+by the first change made under the lock, `migrate-spec` (run by the package's postinst)
+or the service's first pass; a VM file present for a VM wins over the old file's entries,
+so a split cut short loses nothing.
+
+Every node may change the files, so a change is made under Proxmox's cluster lock
 (`cfs_lock` in pve-cluster): creating the folder /etc/pve/priv/lock/<id> succeeds for
 exactly one holder in the whole cluster, because pmxcfs serialises mkdir through corosync
 and refuses a second mkdir of the same name with EEXIST. A flock would only lock this
@@ -16,13 +24,14 @@ import errno
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pve_vhost_agent.adapters import pvefs
-from pve_vhost_agent.errors import AgentError, AgentTimeout
-from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.model.spec import ClusterSpec
+from pve_vhost_agent.errors import AgentError, AgentTimeout, SpecError
 from pve_vhost_agent.formats.specfile import format_spec, parse_spec
+from pve_vhost_agent.model.spec import ClusterSpec, VmSpec, is_decimal
+from pve_vhost_agent.settings import Settings
 
 # Proxmox retries the lock every 0.1 s at first, then every second.
 _FIRST_RETRY, _LAST_RETRY = 0.1, 1.0
@@ -43,20 +52,133 @@ class SpecUpdate:
 
 
 def load_spec(settings: Settings) -> ClusterSpec:
-    """The declared spec; a missing file is an empty spec."""
-    text = pvefs.read_text(settings.spec_file)
-    return ClusterSpec() if text is None else parse_spec(text, str(settings.spec_file))
+    """Every VM's declarations (empty when there are none)."""
+    files = _vm_files(settings)
+    parts = [_parse_vm_file(settings, vmid, path) for vmid, path in files]
+    legacy = _load_legacy(settings)
+    if legacy is not None:
+        have = {vmid for vmid, _path in files}
+        parts += [_only(legacy, vmid) for vmid in legacy.vmids() + [h.vmid for h in legacy.hooks] if vmid not in have]
+    return _merged(parts)
+
+
+def load_vm_spec(settings: Settings, vmid: int) -> VmSpec:
+    """One VM's declarations: its own file only (the old single file while it exists)."""
+    path = settings.vm_spec_file(vmid)
+    text = pvefs.read_text(path)
+    if text is not None:
+        return _parsed(settings, vmid, path, text).for_vm(vmid)
+    legacy = _load_legacy(settings)
+    return legacy.for_vm(vmid) if legacy is not None else VmSpec(vmid)
 
 
 def update_spec(settings: Settings, change: Callable[[ClusterSpec], ClusterSpec]) -> SpecUpdate:
-    """Apply `change` to the spec under the cluster lock; write only when it changed."""
+    """Apply `change` to the spec under the cluster lock; write only the VM files it changed."""
     with cluster_lock(settings):
         before = load_spec(settings)  # read under the lock: another node may just have written
         after = change(before)
         update = SpecUpdate(before, after)
-        if update.changed:
-            pvefs.write_atomic(settings.spec_file, format_spec(after))
+        if update.changed:  # a refused or empty change writes nothing, not even the split
+            _migrate_locked(settings)
+            for vmid in sorted(set(_all_vmids(before)) | set(_all_vmids(after))):
+                if _only(before, vmid) != _only(after, vmid):
+                    _write_vm_file(settings, vmid, _only(after, vmid))
         return update
+
+
+def migrate_spec(settings: Settings) -> int:
+    """Split the old single spec file into per-VM files and remove it; the number of VMs
+    moved (0 when there is nothing to move)."""
+    if not settings.legacy_spec_file.exists():
+        return 0
+    with cluster_lock(settings):
+        return _migrate_locked(settings)
+
+
+def _migrate_locked(settings: Settings) -> int:
+    legacy = _load_legacy(settings)
+    if legacy is None:
+        return 0
+    have = {vmid for vmid, _path in _vm_files(settings)}
+    moved = [vmid for vmid in sorted(set(_all_vmids(legacy))) if vmid not in have]
+    for vmid in moved:
+        _write_vm_file(settings, vmid, _only(legacy, vmid))
+    try:
+        settings.legacy_spec_file.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise pvefs.write_error(err, settings.legacy_spec_file) from err
+    log.info("moved the declarations of %d VMs from %s into %s", len(moved), settings.legacy_spec_file,
+             settings.spec_dir)
+    return len(moved)
+
+
+def _vm_files(settings: Settings) -> list[tuple[int, Path]]:
+    try:
+        names = os.listdir(settings.spec_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise AgentError(f"cannot list {settings.spec_dir}: {err.strerror}",
+                         "check that /etc/pve is mounted and readable") from err
+    found = []
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        if dot and ext == "cfg" and is_decimal(stem):  # `<vmid>.cfg`; temp files and others are not
+            found.append((int(stem), settings.spec_dir / name))
+    return sorted(found)
+
+
+def _parse_vm_file(settings: Settings, vmid: int, path: Path) -> ClusterSpec:
+    text = pvefs.read_text(path)
+    return ClusterSpec() if text is None else _parsed(settings, vmid, path, text)
+
+
+def _parsed(settings: Settings, vmid: int, path: Path, text: str) -> ClusterSpec:
+    parsed = parse_spec(text, str(path))
+    strangers = sorted(set(_all_vmids(parsed)) - {vmid})
+    if strangers:
+        raise SpecError(f"{path} declares NICs of VM {strangers[0]}", f"move them to {settings.vm_spec_file(strangers[0])}")
+    return parsed
+
+
+def _load_legacy(settings: Settings) -> ClusterSpec | None:
+    text = pvefs.read_text(settings.legacy_spec_file)
+    return None if text is None else parse_spec(text, str(settings.legacy_spec_file))
+
+
+def _write_vm_file(settings: Settings, vmid: int, part: ClusterSpec) -> None:
+    path = settings.vm_spec_file(vmid)
+    if not (part.nics or part.tap_qinq or part.hooks):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise pvefs.write_error(err, path) from err
+        return
+    try:
+        # pmxcfs fixes the modes of what is made in /etc/pve (chmod fails there).
+        settings.spec_dir.mkdir(exist_ok=True)
+    except OSError as err:
+        raise pvefs.write_error(err, settings.spec_dir) from err
+    pvefs.write_atomic(path, format_spec(part))
+
+
+def _all_vmids(cluster: ClusterSpec) -> list[int]:
+    return cluster.vmids() + [h.vmid for h in cluster.hooks]
+
+
+def _only(cluster: ClusterSpec, vmid: int) -> ClusterSpec:
+    vm = cluster.for_vm(vmid)
+    return ClusterSpec(vm.nics, vm.tap_qinq, (vm.chained_hook,) if vm.chained_hook else ())
+
+
+def _merged(parts: list[ClusterSpec]) -> ClusterSpec:
+    """One spec of all VMs' (the cluster-wide checks, unique MACs, apply to the whole)."""
+    return ClusterSpec(tuple(n for p in parts for n in p.nics), tuple(q for p in parts for q in p.tap_qinq),
+                       tuple(h for p in parts for h in p.hooks))
 
 
 @contextlib.contextmanager

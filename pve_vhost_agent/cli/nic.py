@@ -65,12 +65,12 @@ def _report(settings: Settings, result: declare.Declared, what: str, as_json: bo
         click.echo(f"VM {vmid} net{index}: nothing to change")
     elif result.dry_run:
         verb = "write this section to" if result.entry else "remove this section from"
-        click.echo(f"dry run: would {verb} {settings.spec_file}:")
+        click.echo(f"dry run: would {verb} {settings.vm_spec_file(vmid)}:")
         click.echo(specfile.format_entry(result.entry or result.before), nl=False)
     elif result.entry:
         click.echo(f"VM {vmid} net{index}: {what}: {result.entry.describe()}")
     else:
-        click.echo(f"VM {vmid} net{index}: {what} from {settings.spec_file} (was: {result.before.describe()})")
+        click.echo(f"VM {vmid} net{index}: {what} from {settings.vm_spec_file(vmid)} (was: {result.before.describe()})")
     if result.args is not None:
         for line in args_lines(result.args, result.dry_run):
             click.echo(line)
@@ -165,4 +165,13 @@ def qinq_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json:
     _report(settings, declare.remove_tap_qinq(settings, vmid, nic, dry_run), "QinQ removed", as_json)
 
 
-COMMANDS = [nic_group, qinq_group]
+@click.command("migrate-spec")
+@click.pass_obj
+def migrate_spec(settings: Settings) -> None:
+    """Split the single spec file of versions before 0.2 into one file per VM (run on upgrade)."""
+    moved = declare.migrate(settings)
+    click.echo(f"moved the declarations of {moved} VMs into {settings.spec_dir}" if moved
+               else "nothing to move: the declarations are in one file per VM")
+
+
+COMMANDS = [nic_group, qinq_group, migrate_spec]

@@ -12,14 +12,16 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from pve_vhost_agent.adapters import sockets
-from pve_vhost_agent.adapters.ovsdb import Ovsdb, Step
 from pve_vhost_agent.adapters.vmstore import vm_guard, vm_guards
 from pve_vhost_agent.errors import OvsUnavailable, VmBusy, VmChanged
 from pve_vhost_agent.model.actions import OVS, Action, DelSocket, MakeSocketDir, WriteVmArgs
 from pve_vhost_agent.settings import Settings
+
+if TYPE_CHECKING:  # the caller brings the connection: no python-ovs import here
+    from pve_vhost_agent.adapters.ovsdb import Ovsdb, Step
 
 log = logging.getLogger(__name__)
 

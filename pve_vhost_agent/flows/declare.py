@@ -10,15 +10,17 @@ is refused before anything is written.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import os
+from typing import Callable, Iterator
 
-from pve_vhost_agent.adapters.specstore import SpecUpdate, load_spec, update_spec
+from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.adapters.specstore import SpecUpdate, load_spec, migrate_spec, update_spec
 from pve_vhost_agent.adapters.vmstore import VmLocation, find_vm
 from pve_vhost_agent.errors import NotFound, OvsUnavailable
 from pve_vhost_agent.flows.enable import make_socket_folders
 from pve_vhost_agent.flows.running import follow_running_vm
 from pve_vhost_agent.flows.vmargs import VmArgs, apply_vm_args, sync_for, vm_args
-from pve_vhost_agent.formats import specfile
+from pve_vhost_agent.formats import datacenter, specfile
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
 from pve_vhost_agent.formats.vmlayout import net_devices
 from pve_vhost_agent.model import spec
@@ -52,7 +54,16 @@ class Declared:
 
 
 def add_nic(settings: Settings, vmid: int, nic: str, change: NicChange, dry_run: bool) -> Declared:
-    return _declare(settings, vmid, nic, lambda c, v, i, config: declare.add_nic(c, v, i, change, config), dry_run)
+    macs = random_macs(settings)
+    return _declare(settings, vmid, nic, lambda c, v, i, config: declare.add_nic(c, v, i, change, config, macs), dry_run)
+
+
+def random_macs(settings: Settings) -> Iterator[str]:
+    """Endless random MACs as Proxmox makes them, with the cluster's mac_prefix if it has one."""
+    text = pvefs.read_text(settings.pve_dir / "datacenter.cfg")
+    prefix = datacenter.mac_prefix(text) if text else None
+    while True:
+        yield spec.random_mac(os.urandom(6), prefix)
 
 
 def set_nic(settings: Settings, vmid: int, nic: str, change: NicChange, dry_run: bool) -> Declared:
@@ -71,6 +82,12 @@ def remove_nic(settings: Settings, vmid: int, nic: str, dry_run: bool) -> Declar
 def remove_tap_qinq(settings: Settings, vmid: int, nic: str, dry_run: bool) -> Declared:
     return _declare(settings, vmid, nic, lambda c, v, i, _config: declare.remove_tap_qinq(c, v, i), dry_run,
                     needs_vm=False)
+
+
+def migrate(settings: Settings) -> int:
+    """Split the single spec file of earlier versions into per-VM files (the package's
+    postinst runs this); the number of VMs moved."""
+    return migrate_spec(settings)
 
 
 def list_nics(settings: Settings, vmid: int | None) -> list[spec.VhostNic | spec.TapQinQ]:

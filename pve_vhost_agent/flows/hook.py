@@ -29,17 +29,15 @@ import contextlib
 import dataclasses
 import logging
 import os
-import subprocess
 import sys
 import time
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-from pve_vhost_agent.adapters import pvefs, qemu, sockets
+from pve_vhost_agent.adapters import pvefs, sockets
 from pve_vhost_agent.adapters import storage as storagecfg
 from pve_vhost_agent.adapters.host import read_host_memory, read_links, unix_socket_refusal
 from pve_vhost_agent.adapters.journal import context_logger, setup_logging
-from pve_vhost_agent.adapters.specstore import load_spec
-from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.adapters.specstore import load_vm_spec
 from pve_vhost_agent.errors import AgentError, AgentTimeout, ExitCode, NotFound, OvsRefused, OvsUnavailable, UsageError
 from pve_vhost_agent.flows.apply import Applied, apply_plan
 from pve_vhost_agent.formats import qemuargs
@@ -48,12 +46,16 @@ from pve_vhost_agent.model.actions import OVS, DelSocket
 from pve_vhost_agent.model.names import is_agent_hook, vm_port_names
 from pve_vhost_agent.model.notes import Note
 from pve_vhost_agent.model.spec import Backend, ChainedHook, VmSpec, is_decimal
+from pve_vhost_agent.settings import check_node
 from pve_vhost_agent.plan.hook import StartView, plan_pre_start, post_start_actions, post_start_report, undo_start
 from pve_vhost_agent.plan.ovs import plan_vm_removal
 from pve_vhost_agent.plan.ports import port_problems
 from pve_vhost_agent.plan.start import served_spec, start_config
 from pve_vhost_agent.plan.tapqinq import is_uplink
 from pve_vhost_agent.settings import Settings
+
+if TYPE_CHECKING:  # python-ovs is imported only by the phases that talk to Open vSwitch
+    from pve_vhost_agent.adapters.ovsdb import Ovsdb
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ class HookCall:
                              "Proxmox calls the hookscript as `<script> <vmid> <phase>`")
         if phase not in PHASES:
             raise UsageError(f"unknown hook phase {phase!r}", f"use one of: {', '.join(PHASES)}")
-        return cls(int(vmid), phase, env.get("PVE_MIGRATED_FROM") or None)
+        source = env.get("PVE_MIGRATED_FROM") or None
+        return cls(int(vmid), phase, check_node(source, "PVE_MIGRATED_FROM") if source else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,7 @@ def run_hook(settings: Settings, vmid: str, phase: str, env: Mapping[str, str]) 
     aborts the start). Errors are said once, in one line; the VM's previous hookscript runs
     after the agent's work, and a pre-start it fails is undone."""
     call = HookCall.from_argv(vmid, phase, env)
-    vm = load_spec(settings).for_vm(call.vmid)
+    vm = load_vm_spec(settings, call.vmid)
     config = read_config(settings, call)
     # Also without a spec: a clone's copied args, or what a VM left whose spec went.
     ours = uses_agent(vm, config) or has_leftovers(settings, call, config)
@@ -181,6 +184,8 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
     fix = f"restore it, or drop it: pve-vhost-agent disable {call.vmid} && pve-vhost-agent enable {call.vmid}"
     if not path.is_file() or not os.access(path, os.X_OK):
         raise NotFound(f"chained hookscript {hook.hookscript} ({path}) is missing or not executable", fix)
+    import subprocess  # only a VM that chains a hookscript runs one
+
     try:
         result = subprocess.run([str(path), str(call.vmid), call.phase], env=dict(env), check=False)
     except OSError as err:  # e.g. no `#!` line: ENOEXEC
@@ -229,13 +234,19 @@ def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmCon
     backends = {nic.backend for nic in vm.nics}
     return dataclasses.replace(
         view,
-        qemu_version=qemu.installed_version(cache_dir=settings.run_dir),
+        qemu_version=_qemu_version(settings),
         memory=read_host_memory(),
         folders={b: sockets.folder(settings.socket_dir(b.value)) for b in backends},
         external={nic.index: unix_socket_refusal(settings.socket_dir(nic.backend.value) / nic.socket_name,
                                                  EXTERNAL_CONNECT_TIMEOUT)
                   for nic in vm.nics if nic.backend is Backend.EXTERNAL},
     )
+
+
+def _qemu_version(settings: Settings) -> tuple[int, int, int]:
+    from pve_vhost_agent.adapters import qemu  # runs QEMU (subprocess) only when the cache has no answer
+
+    return qemu.installed_version(cache_dir=settings.run_dir)
 
 
 def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
@@ -302,6 +313,8 @@ def _say(ctx: HookContext, notes: Iterable[Note], warnings: Iterable[Note]) -> N
 def _vm_ovsdb(settings: Settings, vmid: int, more_ports: Iterable[str] = ()) -> Ovsdb:
     """A connection that sees only this VM's ports (and `more_ports`): a hook's cost must
     not grow with the switch."""
+    from pve_vhost_agent.adapters.ovsdb import Ovsdb  # noqa: F811 - only phases that need it load python-ovs
+
     return Ovsdb.from_settings(settings, ports=(*vm_port_names(vmid), *more_ports))
 
 

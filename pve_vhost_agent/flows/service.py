@@ -23,6 +23,7 @@ from systemd import daemon
 
 from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable
 from pve_vhost_agent.adapters.journal import setup_logging
+from pve_vhost_agent.adapters.specstore import migrate_spec
 from pve_vhost_agent.flows.observe import observe_node, observe_ovs
 from pve_vhost_agent.plan.status import node_summary, status_line
 from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb
@@ -266,6 +267,10 @@ def run_service(settings: Settings, interval: float, once: bool,
     setup_logging(journal=True, human_stream=None if stderr_is_journal() else sys.stderr)
     log.info("starting: node %s, OVSDB %s, a pass every %g s and on OVSDB changes",
              settings.node, settings.ovsdb, interval)
+    try:
+        migrate_spec(settings)  # after an upgrade from a single spec file: once, on whichever node is first
+    except AgentError as err:
+        log.warning("the old spec file was not split into per-VM files: %s", err, extra={"result": "problem"})
     with StopSignals() as stop, Service(settings, lambda: stop.received) as service:
         ready = False
         while not stop.received:

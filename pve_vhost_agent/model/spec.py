@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import re
 from typing import Iterable
 
@@ -383,19 +382,29 @@ def check_mac(mac: str) -> str:
     return mac.upper()
 
 
-def default_mac(vmid: int, index: int, taken: Iterable[str] = ()) -> str:
-    """A deterministic, locally administered unicast MAC for VM `vmid` NIC `index`.
+_MAC_PREFIX = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){0,4}")
 
-    Deterministic so that re-declaring a NIC gives it the same address; salted until it
-    is unique among `taken` (every MAC of the cluster's specs and the VM's own NICs).
-    """
+
+def check_mac_prefix(prefix: str) -> str:
+    """A `mac_prefix` as /etc/pve/datacenter.cfg gives it: one to five octets, unicast."""
+    if not _MAC_PREFIX.fullmatch(prefix) or int(prefix[:2], 16) & 0x01:
+        raise SpecError(f"mac_prefix {prefix[:40]!r} in datacenter.cfg is not a unicast MAC prefix",
+                        "fix it in Datacenter > Options > MAC address prefix, e.g. BC:24:11")
+    return prefix.upper()
+
+
+def random_mac(random6: bytes, prefix: str | None = None) -> str:
+    """A MAC as Proxmox makes one (PVE::Tools::random_ether_addr): random, unicast and
+    locally administered, its leading octets replaced by the cluster's `mac_prefix`."""
+    octets = bytes([(random6[0] & 0xFE) | 0x02]) + bytes(random6[1:6])
+    mac = ":".join(f"{b:02X}" for b in octets)
+    return check_mac((check_mac_prefix(prefix) + mac[len(prefix):]) if prefix else mac)
+
+
+def unused_mac(candidates: Iterable[str], taken: Iterable[str], tries: int = 64) -> str:
+    """The first candidate no NIC of the cluster or the VM has (random: almost always the first)."""
     used = {m.upper() for m in taken}
-    salt = 0
-    while True:
-        digest = hashlib.sha256(f"pve-vhost-agent:{vmid}:{index}:{salt}".encode()).digest()
-        octets = bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
-        mac = ":".join(f"{b:02X}" for b in octets)
-        if mac not in used and octets[1:] != bytes(5):
+    for _attempt, mac in zip(range(tries), candidates):
+        if mac.upper() not in used:
             return mac
-        salt += 1
-
+    raise SpecError(f"no unused MAC in {tries} random tries", "give one with --mac")

@@ -7,6 +7,8 @@ error naming the problem and the fix. The CLI reads the files and writes the res
 from __future__ import annotations
 
 
+from typing import Iterable
+
 from pve_vhost_agent.model import spec
 from pve_vhost_agent.model.fields import NicChange
 from pve_vhost_agent.plan import tapqinq as tapcheck
@@ -24,8 +26,10 @@ def vm_nets(config: VmConfig) -> dict[int, tuple[str, NetDevice]]:
     return nets
 
 
-def add_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange, config: VmConfig) -> spec.ClusterSpec:
-    """Declare a new vhost-user NIC `netN` of VM `vmid`."""
+def add_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange, config: VmConfig,
+            macs: Iterable[str] = ()) -> spec.ClusterSpec:
+    """Declare a new vhost-user NIC `netN` of VM `vmid`; without --mac, the first of `macs`
+    (random candidates) that no NIC of the cluster or the VM has."""
     nets = vm_nets(config)
     if index in nets:
         free = next((n for n in range(spec.MAX_NICS) if n not in nets and not cluster.entry(vmid, n)), None)
@@ -37,7 +41,7 @@ def add_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange,
     bridge = values.pop("bridge", None)
     if bridge is None:
         raise SpecError("a vhost-user NIC needs a bridge", "give --bridge <OVS bridge>")
-    mac = _free_mac(cluster, vmid, index, values.pop("mac", None), nets)
+    mac = _free_mac(cluster, vmid, values.pop("mac", None), nets, macs)
     nic = spec.VhostNic(vmid=vmid, index=index, bridge=bridge, mac=mac)
     return cluster.with_entry(NicChange(values, change.vlan).applied_to(nic))
 
@@ -47,7 +51,7 @@ def set_nic(cluster: spec.ClusterSpec, vmid: int, index: int, change: NicChange,
     nic = _vhost_entry(cluster, vmid, index)
     mac = change.values.get("mac")
     if mac is not None and spec.check_mac(mac) != nic.mac:
-        _free_mac(cluster.without(vmid, index), vmid, index, mac, vm_nets(config))
+        _free_mac(cluster.without(vmid, index), vmid, mac, vm_nets(config))
     return cluster.with_entry(change.applied_to(nic))
 
 
@@ -106,12 +110,12 @@ def _vhost_entry(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.Vhost
     return entry
 
 
-def _free_mac(cluster: spec.ClusterSpec, vmid: int, index: int, wanted: str | None,
-              nets: dict[int, tuple[str, NetDevice]]) -> str:
-    """`wanted` if no NIC of the cluster spec or of the VM has it; else a fresh default MAC."""
+def _free_mac(cluster: spec.ClusterSpec, vmid: int, wanted: str | None,
+              nets: dict[int, tuple[str, NetDevice]], candidates: Iterable[str] = ()) -> str:
+    """`wanted` if no NIC of the cluster spec or of the VM has it; else a new unused one."""
     vm_macs = {device.mac: n for n, (_line, device) in nets.items() if device.mac}
     if wanted is None:
-        return spec.default_mac(vmid, index, [n.mac for n in cluster.nics] + list(vm_macs))
+        return spec.unused_mac(candidates, [n.mac for n in cluster.nics] + list(vm_macs))
     mac = spec.check_mac(wanted)
     for other in cluster.nics:
         if other.mac == mac:

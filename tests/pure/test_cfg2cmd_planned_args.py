@@ -18,7 +18,7 @@ from conftest import PEER
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.errors import MemoryLayoutError
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.model.spec import Backend, VhostNic, VmSpec, default_mac
+from pve_vhost_agent.model.spec import Backend, VhostNic, VmSpec, random_mac, unused_mac
 
 CORPUS = PEER / "qemu-server-cfg2cmd"
 READCONFIG = PEER / "qemu-server-readconfig"
@@ -107,7 +107,7 @@ def vhost_nics(config, which: str) -> tuple[VhostNic, ...]:
         free = [next(i for i in free if i < 6), next(i for i in free if i >= 6)]
     nics, macs = [], [v.split("=")[1].split(",")[0] for k, v in config.items() if k in {f"net{i}" for i in used}]
     for n, index in enumerate(free):
-        mac = default_mac(VMID, index, macs)
+        mac = unused_mac((random_mac(bytes([0x02, 0, 0, 0, index, salt])) for salt in range(256)), macs)
         macs.append(mac)
         backend = Backend.OVS if n % 2 == 0 else Backend.EXTERNAL
         nics.append(VhostNic(VMID, index, "vhubr0", mac, backend=backend, queues=1 + n % 3, mtu=9000 if n % 2 else None))

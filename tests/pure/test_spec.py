@@ -4,7 +4,7 @@ import pytest
 
 from pve_vhost_agent.errors import ExitCode, SpecError
 from pve_vhost_agent.model.spec import (
-    ClusterSpec, EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, check_mac, default_mac,
+    ClusterSpec, EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, check_mac, random_mac, unused_mac,
     format_vlan_list, parse_nic_name, parse_vlan_list,
 )
 
@@ -75,13 +75,20 @@ def test_mac_is_normalised_to_proxmox_upper_case():
     assert check_mac("bc:24:11:00:00:01") == "BC:24:11:00:00:01"
 
 
-def test_default_mac_is_stable_local_unicast_and_unique():
-    first = default_mac(100, 1)
-    assert first == default_mac(100, 1)
-    octet = int(first[:2], 16)
+def test_random_macs_are_local_unicast_or_carry_the_clusters_prefix():
+    mac = random_mac(bytes([0xFF, 1, 2, 3, 4, 5]))
+    assert mac == "FE:01:02:03:04:05"  # multicast bit cleared, locally administered bit set
+    octet = int(random_mac(bytes(6))[:2], 16)
     assert octet & 0x02 and not octet & 0x01
-    assert default_mac(100, 2) != first
-    assert default_mac(100, 1, taken=[first.lower()]) not in (first,)
+    assert random_mac(bytes([0xFF, 1, 2, 3, 4, 5]), "bc:24:11") == "BC:24:11:03:04:05"  # as Proxmox does
+    with pytest.raises(SpecError, match="mac_prefix '01:00' in datacenter.cfg is not a unicast MAC prefix"):
+        random_mac(bytes(6), "01:00")
+
+
+def test_an_unused_mac_is_never_one_the_cluster_or_the_vm_has():
+    assert unused_mac(iter(["02:00:00:00:00:01", "02:00:00:00:00:02"]), ["02:00:00:00:00:01"]) == "02:00:00:00:00:02"
+    with pytest.raises(SpecError, match="no unused MAC in 64 random tries; give one with --mac"):
+        unused_mac(iter(lambda: "02:00:00:00:00:01", None), ["02:00:00:00:00:01"])
 
 
 def test_vlan_lists_parse_both_separators_and_compact():
