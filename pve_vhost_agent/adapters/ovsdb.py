@@ -10,11 +10,12 @@ strings in 3.5), and `commit_block()` (it has no timeout).
 Every wait is bounded by `timeout` seconds; the schema is taken from the server, so
 the agent registers only columns that server has.
 
-A connection for one VM (a hook) is scoped to the ports it names: Port and Interface are
-monitored with a condition on those names, and Bridge without its `ports` column (a
-bridge of thousands of ports would otherwise be read in full). Which bridge holds one of
-those ports is asked with a `select` on a short side connection. So a hook costs the same
-on a switch of ten ports and of ten thousand. The service monitors everything, once.
+A connection is scoped (`Scope`) to the rows its user needs, so its cost does not grow
+with the switch: Port and Interface are monitored with a condition. A hook's connection
+sees its VM's port names, and Bridge without its `ports` column (a bridge of thousands
+of ports would otherwise be read in full): which bridge holds one of its ports is asked
+with a `select` on a short side connection. The service's sees the agent's own rows
+(owner marks, declared ports), keeps Bridge.ports, and follows changes (`watch`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import ovs.stream  # noqa: E402
 from pve_vhost_agent.errors import AgentError, AgentTimeout, OvsUnavailable
 from pve_vhost_agent.model.actions import Action, ReplaceVhostPort
 from pve_vhost_agent.adapters.ovsrows import COLUMNS, TxnView, read_state, root_row, write
-from pve_vhost_agent.model.ovs import OvsState
+from pve_vhost_agent.model.ovs import OWNER, OWNS_PORT, OWNS_VLAN, OvsState
 from pve_vhost_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,49 @@ class Step:
     cfg: int  # the next_cfg it set (0: nothing changed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Which Port and Interface rows a connection replicates: those named, and with `owned`
+    every row carrying the agent's owner mark. `bridge_ports` replicates Bridge.ports (the
+    service, which keeps its replica); without it a port's bridge is asked of the server."""
+
+    names: frozenset[str] = frozenset()
+    owned: bool = False
+    bridge_ports: bool = False
+
+    def conditions(self, table: str) -> list:
+        found: list = [["name", "==", name] for name in sorted(self.names)]
+        if self.owned:
+            marks = (OWNS_PORT, OWNS_VLAN) if table == "Port" else (OWNS_PORT,)  # taps' interfaces carry none
+            found += [["external_ids", "includes", ["map", [[OWNER, mark]]]] for mark in marks]
+        return found or [False]
+
+
 class Ovsdb:
     """One OVSDB connection per process, opened on first use; close() or use as a context."""
 
-    def __init__(self, remote: str, timeout: float, ports: Iterable[str] | None = None):
+    def __init__(self, remote: str, timeout: float, ports: Iterable[str] | Scope | None = None):
         self.remote = remote
         self.timeout = timeout
-        # The port (and interface) names a scoped connection sees; None: all of them.
-        self.ports = None if ports is None else frozenset(ports)
+        # What a scoped connection sees (None: every row).
+        self.scope = ports if isinstance(ports, Scope) or ports is None else Scope(frozenset(ports))
         self._idl: Any = None
+        self._cached: tuple[int, OvsState] | None = None  # the snapshot of a change_seqno
 
     @classmethod
-    def from_settings(cls, settings: Settings, ports: Iterable[str] | None = None) -> "Ovsdb":
+    def from_settings(cls, settings: Settings, ports: Iterable[str] | Scope | None = None) -> "Ovsdb":
         return cls(settings.ovsdb, settings.ovs_timeout, ports)
+
+    def watch(self, scope: Scope) -> None:
+        """Replicate `scope` from now on; returns once the server sends exactly those rows."""
+        idl = self._connected()
+        if scope == self.scope:
+            return
+        self.scope = scope
+        wanted = max(idl.cond_change(table, scope.conditions(table)) for table in ("Port", "Interface"))
+        self._run_until(lambda: idl.cond_seqno >= wanted, time.monotonic() + self.timeout,
+                        lambda: self._unreachable(f"the server did not take the new monitoring condition "
+                                                  f"within {self.timeout:g} s"))
 
     def __enter__(self) -> "Ovsdb":
         return self
@@ -101,14 +132,21 @@ class Ovsdb:
     # --- reading --------------------------------------------------------------------
 
     def snapshot(self) -> OvsState:
+        """The replicated rows as values; the same value while nothing changed, when the
+        bridges' ports are replicated too (a service pass then costs nothing here)."""
         idl = self._connected()
         idl.run()
-        return read_state(idl, self.remote, self._port_bridges(idl))
+        bridges = self._port_bridges(idl)
+        if bridges is not None:
+            return read_state(idl, self.remote, bridges)
+        if self._cached is None or self._cached[0] != idl.change_seqno:
+            self._cached = (idl.change_seqno, read_state(idl, self.remote))
+        return self._cached[1]
 
     def _port_bridges(self, idl: Any) -> dict[uuid.UUID, str] | None:
-        """Scoped: the bridge of each replicated port, asked of the server (None unscoped:
-        the replica's Bridge.ports says it)."""
-        if self.ports is None:
+        """The bridge of each replicated port, asked of the server when Bridge.ports is not
+        replicated (None: the replica says it)."""
+        if self.scope is None or self.scope.bridge_ports:
             return None
         ports = list(idl.tables["Port"].rows)
         if not ports:
@@ -162,7 +200,7 @@ class Ovsdb:
     # --- writing --------------------------------------------------------------------
 
     def apply(self, actions: Sequence[Action], *, guard: Guard | None = None,
-              on_step: Callable[[Step], None] | None = None) -> None:
+              on_step: Callable[[Step], None] | None = None, wait: bool = True) -> None:
         """Apply a plan: one transaction per step, then wait until ovs-vswitchd has it all.
 
         A step ends after an action the next one depends on (`barrier`: vlan-limit before
@@ -173,7 +211,8 @@ class Ovsdb:
         `guard(vmids)` is entered around each transaction's build and commit, never around
         a wait for ovs-vswitchd; it yields the VMs whose actions may go in (the others
         are left out of that step, reported in `Step.skipped`). `on_step` hears of each
-        step once it is committed, so a caller can log it and knows what to undo.
+        step once it is committed, so a caller can log it and knows what to undo. `wait=False`
+        waits for nothing after the last step (an undo: ovs-vswitchd may be the problem).
         """
         target = 0
         for actions_of_step, barrier in _steps(actions):
@@ -185,7 +224,7 @@ class Ovsdb:
             if barrier and target:
                 self._await_vswitchd(target, time.monotonic() + self.timeout, _what(actions_of_step))
                 target = 0
-        if target:
+        if target and wait:
             self._await_vswitchd(target, time.monotonic() + self.timeout, _what(actions))
 
     def _commit_step(self, actions: Sequence[Action], guard: Guard | None) -> "Step":
@@ -279,16 +318,16 @@ class Ovsdb:
                 if table in tables:
                     known = [c for c in columns if c in tables[table]["columns"]]
                     # Registered, not replicated: the IDL can still add and remove a port.
-                    readonly = ["ports"] if table == "Bridge" and self.ports is not None else []
+                    scoped = self.scope is not None and not self.scope.bridge_ports
+                    readonly = ["ports"] if table == "Bridge" and scoped else []
                     helper.register_columns(table, known, readonly)
             idl = ovs.db.idl.Idl(self.remote, helper)
-            if self.ports is not None:
-                names = [["name", "==", name] for name in sorted(self.ports)] or [False]
+            if self.scope is not None:
                 for table in ("Port", "Interface"):
                     # Acked before the first request, so the first monitor reply is already
                     # only these rows (a condition set later would follow a full download).
                     state = idl.tables[table].condition_state
-                    state.init(names)
+                    state.init(self.scope.conditions(table))
                     state.request()
                     state.ack()
             self._idl = idl

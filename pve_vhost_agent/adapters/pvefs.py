@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 from pve_vhost_agent.errors import AgentError, ClusterReadOnly
 
@@ -27,6 +28,36 @@ def read_text(path: Path) -> str | None:
         return None
     except OSError as err:
         raise AgentError(f"cannot read {path}: {err.strerror}", "check that /etc/pve is mounted and readable") from err
+
+
+class ParsedFiles:
+    """Parsed files kept while they are unchanged (same inode, size and mtime): the service
+    reads hundreds of VM configs and spec files every pass, and almost none has changed."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, int, int], Any]] = {}
+
+    def get(self, path: Path, parse: Callable[[str], Any]) -> Any:
+        """`parse` of the file's text (None when it does not exist); its errors propagate."""
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            self._known.pop(path, None)
+            return None
+        except OSError as err:
+            raise AgentError(f"cannot read {path}: {err.strerror}", "check that /etc/pve is mounted and readable") from err
+        key = (info.st_ino, info.st_size, info.st_mtime_ns)
+        known = self._known.get(path)
+        if known is not None and known[0] == key:
+            return known[1]
+        text = read_text(path)
+        value = None if text is None else parse(text)
+        self._known[path] = (key, value)
+        return value
+
+    def forget_others(self, paths: set[Path]) -> None:
+        for gone in set(self._known) - paths:
+            del self._known[gone]
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -51,10 +51,13 @@ class SpecUpdate:
         return self.before != self.after
 
 
-def load_spec(settings: Settings) -> ClusterSpec:
-    """Every VM's declarations (empty when there are none)."""
+def load_spec(settings: Settings, parsed: pvefs.ParsedFiles | None = None) -> ClusterSpec:
+    """Every VM's declarations (empty when there are none); `parsed` keeps the files that
+    did not change since the last call."""
     files = _vm_files(settings)
-    parts = [_parse_vm_file(settings, vmid, path) for vmid, path in files]
+    parsed = parsed or pvefs.ParsedFiles()
+    parts = [parsed.get(path, lambda text, vmid=vmid, path=path: _parsed(settings, vmid, path, text)) or ClusterSpec()
+             for vmid, path in files]
     legacy = _load_legacy(settings)
     if legacy is not None:
         have = {vmid for vmid, _path in files}
@@ -128,11 +131,6 @@ def _vm_files(settings: Settings) -> list[tuple[int, Path]]:
         if dot and ext == "cfg" and is_decimal(stem):  # `<vmid>.cfg`; temp files and others are not
             found.append((int(stem), settings.spec_dir / name))
     return sorted(found)
-
-
-def _parse_vm_file(settings: Settings, vmid: int, path: Path) -> ClusterSpec:
-    text = pvefs.read_text(path)
-    return ClusterSpec() if text is None else _parsed(settings, vmid, path, text)
 
 
 def _parsed(settings: Settings, vmid: int, path: Path, text: str) -> ClusterSpec:

@@ -72,20 +72,21 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
     raise AgentError(f"the config of VM {vmid} keeps moving between nodes", "wait for its migration to end, then retry")
 
 
-def local_vm_configs(settings: Settings) -> list[tuple[int, VmConfig | AgentError]]:
+def local_vm_configs(settings: Settings, files: pvefs.ParsedFiles | None = None) -> list[tuple[int, VmConfig | AgentError]]:
     """This node's VM configs by id, in id order; an unreadable one as its error (one bad
-    file must not hide the others). A config that vanished meanwhile (migrated) is left out."""
+    file must not hide the others). A config that vanished meanwhile (migrated) is left out.
+    `files` keeps the parsed configs that did not change since the last call."""
+    files = files or pvefs.ParsedFiles()
     found: list[tuple[int, VmConfig | AgentError]] = []
-    for path in sorted(settings.vm_conf(0).parent.glob("*.conf")):
-        if not is_decimal(path.stem):
-            continue
+    paths = [p for p in settings.vm_conf(0).parent.glob("*.conf") if is_decimal(p.stem)]
+    for path in paths:
         try:
-            text = pvefs.read_text(path)
+            config = files.get(path, VmConfig.parse)
         except AgentError as err:
             found.append((int(path.stem), err))
             continue
-        if text is not None:
-            found.append((int(path.stem), VmConfig.parse(text)))
+        if config is not None:
+            found.append((int(path.stem), config))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -210,17 +211,19 @@ def vm_guards(settings: Settings, expected: Mapping[int, bool]):
 
 def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks")) -> bool:
     """True while someone holds Proxmox's lock of VM `vmid` (a start, stop, migration or
-    `qm set` is under way). Read from /proc/locks: probing with flock would make a Proxmox
-    task that asks at the same moment print "trying to acquire lock" and wait."""
-    try:
-        lock = os.stat(settings.vm_lock(vmid))
-    except FileNotFoundError:
-        return False
-    wanted = (os.major(lock.st_dev), os.minor(lock.st_dev), lock.st_ino)
+    `qm set` is under way)."""
+    return held_vm_locks(settings, proc_locks)(vmid)
+
+
+def held_vm_locks(settings: Settings, proc_locks: Path = Path("/proc/locks")) -> Callable[[int], bool]:
+    """Whether Proxmox's lock of a VM is held, for any VM, from one reading of /proc/locks:
+    probing with flock would make a Proxmox task that asks at the same moment print
+    "trying to acquire lock" and wait."""
     try:
         lines = proc_locks.read_text().splitlines()
     except OSError as err:
         raise AgentError(f"cannot read {proc_locks}: {err.strerror}", "is /proc mounted?") from err
+    held = set()
     for line in lines:
         # `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`; `1: -> FLOCK ...` is a waiter.
         fields = line.split()
@@ -228,9 +231,15 @@ def vm_busy(settings: Settings, vmid: int, proc_locks: Path = Path("/proc/locks"
             continue
         try:
             major, minor, inode = fields[5].split(":")
-            found = (int(major, 16), int(minor, 16), int(inode))
+            held.add((int(major, 16), int(minor, 16), int(inode)))
         except ValueError:
-            continue  # a line in a form this code does not know: not the VM lock
-        if found == wanted:
-            return True
-    return False
+            continue  # a line in a form this code does not know: not a VM lock
+
+    def is_held(vmid: int) -> bool:
+        try:
+            lock = os.stat(settings.vm_lock(vmid))
+        except FileNotFoundError:
+            return False
+        return (os.major(lock.st_dev), os.minor(lock.st_dev), lock.st_ino) in held
+
+    return is_held

@@ -44,19 +44,21 @@ def report(logger: logging.Logger | logging.LoggerAdapter, action: Action, resul
 
 def apply_plan(settings: Settings, actions: Sequence[Action], logger: logging.Logger | logging.LoggerAdapter, *,
                db: Ovsdb | None = None, guards: Mapping[int, bool] | None = None,
-               write_args: Callable[[WriteVmArgs], str] | None = None, applied: Applied | None = None) -> Applied:
+               write_args: Callable[[WriteVmArgs], str] | None = None, applied: Applied | None = None,
+               wait: bool = True) -> Applied:
     """Apply `actions` in order, each run of OVS actions as one `Ovsdb.apply`.
 
     With `guards` (VM id -> must run), a VM's actions are applied only under its Proxmox
     lock (waiting at most settings.lock_timeout) while it still is as planned; the others
     are skipped (a later pass plans anew).
     `write_args` writes a WriteVmArgs. The first AgentError is raised; what took effect
-    before it is in `applied` (pass one in to keep it then, e.g. to undo it).
+    before it is in `applied` (pass one in to keep it then, e.g. to undo it). `wait=False`
+    does not wait for ovs-vswitchd after the last OVS step.
     """
     applied = Applied() if applied is None else applied
     for target, run in _runs(actions):
         if target == OVS:
-            _apply_ovs(settings, run, logger, db, guards, applied)
+            _apply_ovs(settings, run, logger, db, guards, applied, wait)
         else:
             for action in run:
                 _apply_file(settings, action, logger, guards, write_args, applied)
@@ -74,7 +76,7 @@ def _runs(actions: Sequence[Action]) -> list[tuple[str, list[Action]]]:
 
 
 def _apply_ovs(settings: Settings, actions: list[Action], logger, db: Ovsdb | None,
-               guards: Mapping[int, bool] | None, applied: Applied) -> None:
+               guards: Mapping[int, bool] | None, applied: Applied, wait: bool) -> None:
     if db is None:
         raise OvsUnavailable(f"no connection to OVSDB at {settings.ovsdb}",
                              "is openvswitch-switch running? (systemctl status openvswitch-switch)")
@@ -89,7 +91,7 @@ def _apply_ovs(settings: Settings, actions: list[Action], logger, db: Ovsdb | No
                 applied.skipped.append((action, why))
                 report(logger, action, why, None)
 
-    db.apply(actions, guard=vm_guards(settings, guards) if guards else None, on_step=on_step)
+    db.apply(actions, guard=vm_guards(settings, guards) if guards else None, on_step=on_step, wait=wait)
 
 
 def _apply_file(settings: Settings, action: Action, logger, guards: Mapping[int, bool] | None,

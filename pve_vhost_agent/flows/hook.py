@@ -255,7 +255,8 @@ def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
     if not undo:
         return
     try:
-        apply_plan(ctx.settings, undo, ctx.log, db=db)
+        # Committed is enough: ovs-vswitchd, which may be what failed, catches up by itself.
+        apply_plan(ctx.settings, undo, ctx.log, db=db, wait=False)
     except AgentError as err:
         ctx.log.warning("the ports of the aborted start were not all removed: %s; the service removes them",
                         err, extra={"result": "failed"})

@@ -24,9 +24,10 @@ from systemd import daemon
 from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable
 from pve_vhost_agent.adapters.journal import setup_logging
 from pve_vhost_agent.adapters.specstore import migrate_spec
-from pve_vhost_agent.flows.observe import observe_node, observe_ovs
+from pve_vhost_agent.flows.observe import Caches, observe_node, observe_ovs
 from pve_vhost_agent.plan.status import node_summary, status_line
-from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb
+from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb, Scope
+from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.flows.apply import apply_plan
 from pve_vhost_agent.model.actions import OVS, Action, WriteVmArgs
 from pve_vhost_agent.plan.node import NodePlan, plan_node
@@ -85,6 +86,8 @@ class Service:
         self._deferred: tuple[int, ...] = ()  # busy VMs with work waiting, from the last pass
         self._reported: set[str] = set()
         self._told_later: set[str] = set()
+        self._caches = Caches()  # parsed files kept while they do not change
+        self._last: tuple[NodeState, NodePlan] | None = None  # a plan stays valid while its state does
 
     def __enter__(self) -> "Service":
         return self
@@ -98,28 +101,38 @@ class Service:
             self._db = None
 
     def observe(self, remember: bool = True) -> NodeState:
+        return observe_node(self.settings, self._read_ovs, self._caches, remember)
+
+    def _read_ovs(self, scope: Scope) -> tuple[OvsState | None, Problem | None]:
         if self._db is None:
-            self._db = Ovsdb.from_settings(self.settings)
-        ovs, problem = observe_ovs(self._db)
+            self._db = Ovsdb.from_settings(self.settings, scope)
+        ovs, problem = observe_ovs(self._db, scope)
         if problem is None:
             self._seqno = self._db.change_seqno
         else:
             self.close()  # the next observation connects anew
-        return observe_node(self.settings, ovs, problem, remember)
+        return ovs, problem
+
+    def plan(self, state: NodeState) -> NodePlan:
+        """The plan for `state`; a pass that finds the node as the last one left it plans
+        nothing anew (a no-op pass then costs the observation only)."""
+        if self._last is None or self._last[0] != state:
+            self._last = (state, plan_node(state))
+        return self._last[1]
 
     def check(self) -> PassReport:
         """Observe and plan, apply nothing (`status`, `--dry-run`)."""
         state = self.observe(remember=False)
-        return PassReport(state, plan_node(state), (), _now())
+        return PassReport(state, self.plan(state), (), _now())
 
     def run_pass(self) -> PassReport:
         when = _now()
         state = self.observe()
-        plan = plan_node(state)
+        plan = self.plan(state)
         failures = self._apply(plan, state) if plan.actions else []
         if plan.actions:  # report the node as it is now
             state = self.observe()
-            plan = plan_node(state)
+            plan = self.plan(state)
         report = PassReport(state, plan, tuple(failures), when)
         self._log_problems(report.problems)
         for note in sorted(set(plan.at_next_start) - self._told_later):

@@ -8,6 +8,7 @@ prefix, saying what the agent owns of it, for which VM and NIC.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Iterable, Iterator, Mapping
 
@@ -229,11 +230,28 @@ class OvsState:
     next_cfg: int = 0
     cur_cfg: int = 0
 
+    # Lookups by name: a pass over hundreds of VMs must not scan every port for each.
+    @functools.cached_property
+    def _bridges(self) -> dict[str, OvsBridge]:
+        return {b.name: b for b in self.bridges}
+
+    @functools.cached_property
+    def _ports(self) -> dict[str, OvsPort]:
+        return {p.name: p for p in self.ports}
+
+    @functools.cached_property
+    def _owned(self) -> dict[int | None, tuple[OvsPort, ...]]:
+        owned: dict[int | None, list[OvsPort]] = {}
+        for port in self.ports:
+            if port.owner in (OWNS_PORT, OWNS_VLAN):
+                owned.setdefault(port.vmid, []).append(port)
+        return {vmid: tuple(ports) for vmid, ports in owned.items()}
+
     def bridge(self, name: str) -> OvsBridge | None:
-        return next((b for b in self.bridges if b.name == name), None)
+        return self._bridges.get(name)
 
     def port(self, name: str) -> OvsPort | None:
-        return next((p for p in self.ports if p.name == name), None)
+        return self._ports.get(name)
 
     @property
     def vlan_limit(self) -> int:
@@ -250,9 +268,9 @@ class OvsState:
 
     def owned_ports(self, vmid: int | None = None) -> tuple[OvsPort, ...]:
         """Ports the agent created or changed, optionally only those of VM `vmid`."""
-        return tuple(
-            p for p in self.ports if p.owner in (OWNS_PORT, OWNS_VLAN) and (vmid is None or p.vmid == vmid)
-        )
+        if vmid is not None:
+            return self._owned.get(vmid, ())
+        return tuple(p for ports in self._owned.values() for p in ports)
 
 
 def port_report(port: OvsPort) -> dict:
