@@ -41,7 +41,7 @@ def plan_vhost_ports(
 
     Owned vhost-user ports of the VM that the spec no longer lists are deleted.
     """
-    nics = tuple(n for n in spec.nics if n.backend is Backend.OVS)
+    nics = spec.ovs_nics
     if nics:
         _check_vhost_support(state)
     bridges: list[Action] = []
