@@ -7,12 +7,16 @@ below is reported on the host with the guest's outcome. The guest is fresh for t
 each test removes the links it made (all named kv*).
 """
 
+import errno
 import os
-import socket
 import time
+from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+import pve_vhost_agent
 
 from fixtures.frames import capture_socket, collect, frame, mac, tag_text
 from fixtures.kernelvm import in_guest
@@ -23,6 +27,7 @@ from pve_vhost_agent.tapcheck import link_warnings
 
 pytestmark = pytest.mark.real_kernel
 
+CHECKOUT = Path(__file__).resolve().parents[1]
 PREFIX = "kv"
 ETH_P_8021AD = 0x88A8
 ETH_P_8021Q = 0x8100
@@ -111,10 +116,13 @@ def wait_forwarding(ipr: IPRoute, *ports: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_the_harness_runs_this_file_in_a_guest_on_debians_kernel():
+def test_the_harness_runs_this_file_in_a_guest_on_debians_kernel_with_the_checkouts_code():
     assert in_guest()
     assert os.uname().release.endswith("-amd64"), os.uname()  # Debian's kernel, not the host's
-    assert not os.access("/work", os.W_OK) or not os.access(__file__, os.W_OK)  # the checkout is read-only
+    assert Path(pve_vhost_agent.__file__).resolve().is_relative_to(CHECKOUT)
+    with pytest.raises(OSError) as refused:
+        (CHECKOUT / "kv-written-in-the-guest").write_text("")
+    assert refused.value.errno == errno.EROFS  # the guest sees the checkout read-only
 
 
 def test_a_vlan_aware_bridge_keeps_per_port_vlans_and_an_untagged_pvid(ipr):
@@ -198,7 +206,7 @@ def test_mtu_9000_on_a_bridge_and_a_vlan_device_and_no_more_than_the_lower_devic
     assert link(ipr, bridge).get_attr("IFLA_MTU") == 9000  # a bridge takes its ports' smallest MTU
     vlan = add(ipr, "kvp0.100", "vlan", link=ports[0], vlan_id=100, vlan_protocol=ETH_P_8021AD)
     assert link(ipr, vlan).get_attr("IFLA_MTU") == 9000
-    with pytest.raises(Exception) as refused:  # pyroute2's NetlinkError: the kernel says no
+    with pytest.raises(NetlinkError) as refused:
         ipr.link("set", index=vlan, mtu=9001)
     assert refused.value.code in (22, 34), refused.value  # EINVAL / ERANGE
     assert link(ipr, vlan).get_attr("IFLA_MTU") == 9000
