@@ -67,6 +67,11 @@ def test_skipped():
 @pytest.mark.xfail(reason="known to fail", strict=True)
 def test_xfails():
     assert False
+
+
+@pytest.mark.xfail(reason="expected to fail", strict=True)
+def test_xpasses():
+    pass
 '''
 
 IN_GUEST = '''
@@ -166,6 +171,7 @@ def test_every_outcome_in_the_guest_comes_back_and_what_did_not_run_fails(scratc
     not_run = "did not run (or finish) in the guest"
     expected = {  # test: (host outcome, text it must show)
         "test_fails": ("failure", "the guest says no"),
+        "test_xpasses": ("failure", "XPASS(strict)"),
         "test_param[two]": ("failure", "n is 2"),
         "test_setup_error": ("error", "a fixture broke in the guest"),
         "test_teardown_error": ("error", "a teardown broke in the guest"),
