@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from fixtures.ovs import start_ovs  # noqa: E402  (test helper: a private OVS)
-from pve_vhost_agent.ovsactions import AddVhostPort, DelPort  # noqa: E402
-from pve_vhost_agent.ovsdb import Ovsdb  # noqa: E402
-from pve_vhost_agent.ovsrows import write  # noqa: E402
-from pve_vhost_agent.ovsstate import PortVlan  # noqa: E402
+from pve_vhost_agent.model.actions import AddVhostPort, DelPort  # noqa: E402
+from pve_vhost_agent.adapters.ovsdb import Ovsdb  # noqa: E402
+from pve_vhost_agent.adapters.ovsrows import write  # noqa: E402
+from pve_vhost_agent.model.ovs import PortVlan  # noqa: E402
 
 BRIDGE = "benchbr0"
 ROUNDS = 15

@@ -146,8 +146,8 @@ def test_full_cycle_leaves_nothing_behind_and_tells_the_story(harness):
     actions = {(e.get("ACTION"), e.get("PORT")) for e in entries}
     assert ("AddVhostPort", h.vhost_port) in actions and ("SetTapQinQ", h.tap) in actions
     assert ("DelPort", h.vhost_port) in actions
-    timed = [e for e in entries if e.get("ACTION") == "ApplyOvs"]
-    assert timed and all(e["RESULT"] == "ok" and e["DURATION_MS"].isdigit() for e in timed)
+    timed = [e for e in entries if e.get("ACTION") in ("AddVhostPort", "SetTapQinQ", "DelPort")]
+    assert timed and all(e["RESULT"] == "done" and e["DURATION_MS"].isdigit() for e in timed)
 
 
 def test_stale_args_abort_the_start_with_the_fixing_command(harness):
@@ -158,7 +158,8 @@ def test_stale_args_abort_the_start_with_the_fixing_command(harness):
     with pytest.raises(StartAborted) as caught:
         h.qm().start(h.vmid)
     log = caught.value.task.text
-    assert "size 128M -> 192M" in log and f"pve-vhost-agent apply {h.vmid}" in log
+    assert "memory changed from 128 to 192 MiB since the args were written" in log
+    assert f"pve-vhost-agent apply {h.vmid}" in log
     assert h.owned_ports() == []  # refused before touching OVS
     h.cli("apply", str(h.vmid))
     vm = h.qm().start(h.vmid)
@@ -330,7 +331,7 @@ def test_a_migration_start_checks_and_plans_from_the_main_section(harness):
     assert migrating.returncode == 0, migrating.stdout
     assert h.vhost_port in h.owned_ports()
     cold = h.hook("pre-start")  # a cold start applies the pending memory: now it is stale
-    assert cold.returncode == 9 and "size 128M -> 192M" in cold.stdout
+    assert cold.returncode == 9 and "memory changed from 128 to 192 MiB" in cold.stdout
 
 
 def test_a_migration_start_refuses_a_nic_the_spec_dropped_while_the_vm_ran(harness):

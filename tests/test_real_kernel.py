@@ -20,10 +20,10 @@ import pve_vhost_agent
 
 from fixtures.frames import capture_socket, collect, frame, mac, tag_text
 from fixtures.kernelvm import in_guest
-from pve_vhost_agent.hostinfo import read_links
-from pve_vhost_agent.ovsstate import OvsInterface, OvsPort, OvsState
-from pve_vhost_agent.spec import QinQ, TapQinQ, VmSpec
-from pve_vhost_agent.tapcheck import link_warnings
+from pve_vhost_agent.adapters.host import read_links
+from pve_vhost_agent.model.ovs import OvsInterface, OvsPort, OvsState
+from pve_vhost_agent.model.spec import QinQ, TapQinQ, VmSpec
+from pve_vhost_agent.plan.tapqinq import link_warnings
 
 pytestmark = pytest.mark.real_kernel
 
@@ -213,7 +213,7 @@ def test_mtu_9000_on_a_bridge_and_a_vlan_device_and_no_more_than_the_lower_devic
 
 
 def test_the_post_start_link_check_follows_a_real_bond_and_its_slaves(ipr):
-    """The agent's post-start check (tapcheck.link_warnings) on links read from this kernel:
+    """The agent's post-start check (plan.tapqinq.link_warnings) on links read from this kernel:
     a QinQ tap of MTU 1500 on an OVS bridge whose uplink is a bond needs 1504 on the bond and
     every slave; the kernel gives the slaves the bond's MTU, so one fix on the bond is enough."""
     vm = VmSpec(902, (), (TapQinQ(902, 0, QinQ(950)),))

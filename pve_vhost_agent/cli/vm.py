@@ -8,11 +8,10 @@ import click
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.specstore import load_spec
-from pve_vhost_agent.vmargs import VmArgs, apply_vm_args, vm_args, vms_to_apply
+from pve_vhost_agent.flows.vmargs import VmArgs, apply_vms, vm_args
 
 
-def _as_dict(result: VmArgs) -> dict:
+def args_row(result: VmArgs) -> dict:
     sync, location = result.sync, result.location
     return {
         "vmid": location.vmid,
@@ -38,7 +37,7 @@ def show(settings: Settings, vmid: int, as_json: bool) -> None:
     """Show the args the agent plans for VM VMID, why, and whether the config has them."""
     result = vm_args(settings, vmid)
     if as_json:
-        click.echo(json.dumps(_as_dict(result), indent=2))
+        click.echo(json.dumps(args_row(result), indent=2))
         return
     sync = result.sync
     click.echo(f"VM {vmid} on node {result.location.node}"
@@ -65,36 +64,31 @@ def apply(settings: Settings, vmid: int | None, all_vms: bool, dry_run: bool) ->
     """Write the planned args into the VM config (pending for a running VM)."""
     if (vmid is None) == (not all_vms):
         raise click.UsageError("give either VMID or --all")
-    cluster = load_spec(settings)
-    vmids = vms_to_apply(settings, cluster) if all_vms else [vmid]
     failed: list[AgentError] = []
-    for one in vmids:
-        try:
-            result = vm_args(settings, one, cluster) if dry_run else apply_vm_args(settings, one, cluster)
-        except AgentError as err:
-            if not all_vms:
-                raise
-            click.echo(f"VM {one}: {err}", err=True)
-            failed.append(err)
+    for one, result in apply_vms(settings, None if all_vms else vmid, dry_run):
+        if isinstance(result, AgentError):
+            click.echo(f"VM {one}: {result}", err=True)
+            failed.append(result)
             continue
-        report_args(result, dry_run)
+        for line in args_lines(result, dry_run):
+            click.echo(line)
     if failed:
         raise SystemExit(int(failed[0].exit_code) if len(failed) == 1 else int(ExitCode.FAILURE))
 
 
-def report_args(result: VmArgs, dry_run: bool) -> None:
+def args_lines(result: VmArgs, dry_run: bool) -> list[str]:
+    """Where a VM's args stand after `apply` (or would, in a dry run), one line each."""
     sync, vmid = result.sync, result.location.vmid
     if sync.in_sync:
-        click.echo(f"VM {vmid}: args up to date")
-        return
+        return [f"VM {vmid}: args up to date"]
     where = "as a pending change" if sync.section == "pending" else "to the VM config"
     changes = "; ".join(sync.changes)
     if dry_run:
-        click.echo(f"VM {vmid}: dry run: would write args {where}: {sync.line_after or '(delete args)'} ({changes})")
-        return
-    click.echo(f"VM {vmid}: args written {where} ({changes})")
+        return [f"VM {vmid}: dry run: would write args {where}: {sync.line_after or '(delete args)'} ({changes})"]
+    lines = [f"VM {vmid}: args written {where} ({changes})"]
     if result.location.running:
-        click.echo(f"VM {vmid} is running: the new args take effect at its next start")
+        lines.append(f"VM {vmid} is running: the new args take effect at its next start")
+    return lines
 
 
 COMMANDS = [show, apply]
