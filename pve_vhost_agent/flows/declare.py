@@ -113,7 +113,7 @@ def entry_row(settings: Settings, entry: spec.VhostNic | spec.TapQinQ) -> dict:
     if isinstance(entry, spec.VhostNic):
         row.update(backend=entry.backend.value, bridge=entry.bridge, mac=entry.mac, queues=entry.queues,
                    rx_queue_size=entry.rx_queue_size, tx_queue_size=entry.tx_queue_size, mtu=entry.mtu,
-                   socket=str(settings.socket_dir(entry.backend.value) / entry.socket_name))
+                   socket=str(entry.socket_path(settings.socket_dirs())))
     else:
         row.update(_tap_facts(settings, entry))
     return row

@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from pve_vhost_agent.adapters import pvefs, sockets
@@ -237,7 +238,7 @@ def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmCon
         qemu_version=_qemu_version(settings),
         memory=read_host_memory(),
         folders={b: sockets.folder(settings.socket_dir(b.value)) for b in backends},
-        external={nic.index: unix_socket_refusal(settings.socket_dir(nic.backend.value) / nic.socket_name,
+        external={nic.index: unix_socket_refusal(Path(nic.socket_path(settings.socket_dirs())),  # as QEMU sees it
                                                  EXTERNAL_CONNECT_TIMEOUT)
                   for nic in vm.nics if nic.backend is Backend.EXTERNAL},
     )

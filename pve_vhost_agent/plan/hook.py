@@ -145,7 +145,7 @@ def _check_external_servers(view: StartView, vm: VmSpec) -> None:
     for nic in vm.nics:
         why = view.external.get(nic.index) if nic.backend is Backend.EXTERNAL else None
         if why:
-            path = view.socket_dirs[Backend.EXTERNAL] / nic.socket_name
+            path = nic.socket_path(view.socket_dirs)
             raise ConfigConflict(
                 f"VM {vm.vmid} {nic.name}: nothing listens on {path} ({why}), and QEMU would wait for it forever",
                 f"start VPP/TNSR first (it must create {path}), or order the VM's start after it",
