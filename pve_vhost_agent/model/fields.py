@@ -76,7 +76,7 @@ NIC_FIELDS: tuple[NicField, ...] = (
              f"MTU of the port ({spec.MTU_MIN}-{spec.MTU_MAX}).", "MTU"),
 )
 # The spec file writes the VLAN mode's keys after this field.
-_VLAN_AFTER = "backend"
+_VLAN_AFTER = "socket"
 
 VLAN_FIELDS: tuple[NicField, ...] = (
     NicField("tag", "tag", lambda text: number(text, "tag"), None, "Access VLAN (1-4094).", "VLAN"),
