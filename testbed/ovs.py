@@ -84,14 +84,16 @@ class OvsInstance:
         """ovs-vsctl against this instance (tests use it to set up and to observe)."""
         return run("ovs-vsctl", f"--db={self.remote}", f"--timeout={TIMEOUT}", *args, env=self.env)
 
-    def vsctl_batched(self, commands: list[list[str]], batch: int = 500, timeout: float = 900) -> None:
+    def vsctl_batched(self, commands: list[list[str]], batch: int = 500, timeout: float = 900,
+                      options: tuple[str, ...] = ()) -> None:
         """Many ovs-vsctl commands (each a list of words) in few calls: `batch` commands per
-        call, joined with `--`, each call one transaction that waits for ovs-vswitchd."""
+        call, joined with `--`, each call one transaction that waits for ovs-vswitchd (unless
+        `options` holds --no-wait)."""
         for start in range(0, len(commands), batch):
             words: list[str] = []
             for command in commands[start:start + batch]:
                 words += ["--", *command]
-            run("ovs-vsctl", f"--db={self.remote}", f"--timeout={int(timeout)}", *words, env=self.env,
+            run("ovs-vsctl", f"--db={self.remote}", f"--timeout={int(timeout)}", *options, *words, env=self.env,
                 timeout=timeout + 10)
 
     def add_dummy_ports(self, bridge: str, names: list[str], batch: int = 5000) -> None:
