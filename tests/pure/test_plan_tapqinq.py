@@ -3,7 +3,7 @@
 import pytest
 
 from pve_vhost_agent.errors import ConfigConflict, NotFound, OvsRefused
-from pve_vhost_agent.adapters.host import Link
+from pve_vhost_agent.model.host import Link
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.model.spec import QinQ, TapQinQ, VmSpec
 from pve_vhost_agent.plan.tapqinq import check_before_start, check_nic, fixed_net_value, link_warnings
