@@ -23,6 +23,10 @@ pytest_plugins.append("fixtures.debian_chroot")
 # A real guest (Debian kernel + busybox initramfs) for the data-path tests.
 pytest_plugins.append("fixtures.guest")
 
+# Real-kernel test files (pytestmark = pytest.mark.real_kernel) run inside a QEMU guest
+# booting Debian's kernel; each of their tests is reported here (fixtures/kernelvm.py).
+pytest_plugins.append("fixtures.kernelvm")
+
 # The run's header names the userland and the versions it proves (Debian 12 here, Debian 13
 # in the second stage of ./test: tests/fixtures/userland.py).
 pytest_plugins.append("fixtures.userland")

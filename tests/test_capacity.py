@@ -5,11 +5,11 @@ import uuid
 
 import pytest
 
-from pve_vhost_agent.capacity import (
+from pve_vhost_agent.plan.capacity import (
     PAGE_1G_KIB, PAGE_2M_KIB, HostMemory, SharedMemoryNeed, capacity_warnings, shared_memory_need,
 )
-from pve_vhost_agent.hostinfo import read_host_memory, read_links
-from pve_vhost_agent.vmlayout import memory_layout
+from pve_vhost_agent.adapters.host import read_host_memory, read_links
+from pve_vhost_agent.formats.vmlayout import memory_layout
 
 GIB_KIB = 1024 * 1024
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pve_vhost_agent.errors import ExitCode
-from pve_vhost_agent.specfile import parse_spec
+from pve_vhost_agent.adapters.specstore import load_spec
 
 VM = """\
 #edge router
@@ -43,7 +43,7 @@ def ok(root, *args):
 
 
 def declared(root):
-    return parse_spec(root.spec_file.read_text())
+    return load_spec(root.settings())
 
 
 def test_add_declares_the_nic_and_says_what_to_do_next(cluster):
@@ -61,7 +61,8 @@ ENABLED = "balloon: 0\nhookscript: local:snippets/pve-vhost-agent\nmemory: 1024\
 def test_on_an_enabled_vm_the_args_follow_the_spec_at_once(cluster):
     cluster.write_vm(300, ENABLED)
     out = ok(cluster, "nic", "add", "300", "net1", "--bridge", "br0")
-    assert "VM 300: args written to the VM config (vhu-mem: planned but not in args; vhu-net1: planned" in out
+    assert ("VM 300: args written to the VM config (the shared memory backend is missing from the args; "
+            "net1 is declared but not in the args)") in out
     assert "vhu-net1" in cluster.vm_path(300).read_text()
     ok(cluster, "nic", "remove", "300", "net1")
     assert cluster.vm_path(300).read_text() == ENABLED
@@ -75,7 +76,7 @@ def test_on_an_enabled_vm_a_spec_it_could_not_start_with_is_not_written(cluster)
     assert cluster.snapshot() == before
 
 
-def test_default_mac_is_unique_locally_administered_and_stable(cluster):
+def test_default_mac_is_random_locally_administered_unique_and_kept(cluster):
     ok(cluster, "nic", "add", "100", "net1", "--bridge", "br0")
     mac = declared(cluster).entry(100, 1).mac
     first = int(mac[:2], 16)
@@ -83,14 +84,26 @@ def test_default_mac_is_unique_locally_administered_and_stable(cluster):
     assert mac not in VM
     ok(cluster, "nic", "add", "100", "net5", "--bridge", "br0")
     assert declared(cluster).entry(100, 5).mac != mac
+    ok(cluster, "nic", "set", "100", "net1", "--mtu", "9000")
+    assert declared(cluster).entry(100, 1).mac == mac  # chosen once, stored, never changed
+    # Every cluster's VM 100 net1 would get the same MAC from a hash of its ids: random it is.
     ok(cluster, "nic", "remove", "100", "net1")
     ok(cluster, "nic", "add", "100", "net1", "--bridge", "br0")
-    assert declared(cluster).entry(100, 1).mac == mac
+    assert declared(cluster).entry(100, 1).mac != mac
+
+
+def test_the_clusters_mac_prefix_is_honoured(cluster):
+    (cluster.root / "etc/pve/datacenter.cfg").write_text("keyboard: en-us\nmac_prefix: bc:24:11\n")
+    ok(cluster, "nic", "add", "100", "net1", "--bridge", "br0")
+    assert declared(cluster).entry(100, 1).mac.startswith("BC:24:11:")
+    (cluster.root / "etc/pve/datacenter.cfg").write_text("mac_prefix: 01:00\n")
+    result = cluster.cli("nic", "add", "100", "net9", "--bridge", "br0")
+    assert result.returncode == ExitCode.BAD_SPEC and "mac_prefix '01:00' in datacenter.cfg" in result.stderr
 
 
 def test_given_mac_is_stored_in_proxmox_form(cluster):
     ok(cluster, "nic", "add", "100", "net1", "--bridge", "br0", "--mac", "02:ab:cd:00:00:01")
-    assert "\tmac 02:AB:CD:00:00:01\n" in cluster.spec_file.read_text()
+    assert "\tmac 02:AB:CD:00:00:01\n" in cluster.spec_file(100).read_text()
 
 
 def test_a_vm_of_another_node_can_be_declared_cluster_wide(cluster):
@@ -103,7 +116,7 @@ def test_dry_run_prints_the_section_and_writes_nothing(cluster):
     before = cluster.snapshot()
     out = ok(cluster, "nic", "add", "100", "net5", "--bridge", "br1", "--qinq", "300", "--cvlans", "10,20-22",
              "--ethertype", "802.1q", "--mac", "02:00:00:00:00:05", "--dry-run")
-    assert out == (f"dry run: would write this section to {cluster.spec_file}:\n"
+    assert out == (f"dry run: would write this section to {cluster.spec_file(100)}:\n"
                    "vhostuser: 100-net5\n\tbridge br1\n\tmac 02:00:00:00:00:05\n"
                    "\tqinq 300\n\tcvlans 10,20-22\n\tethertype 802.1q\n\n")
     out = ok(cluster, "nic", "set", "100", "net1", "--mtu", "9000", "--dry-run")
@@ -130,7 +143,7 @@ def test_remove_takes_the_nic_out_even_when_the_vm_is_gone(cluster):
     ok(cluster, "nic", "add", "100", "net1", "--bridge", "br0")
     cluster.vm_path(100).unlink()
     out = ok(cluster, "nic", "remove", "100", "net1")
-    assert out.startswith(f"VM 100 net1: removed from {cluster.spec_file}")
+    assert out.startswith(f"VM 100 net1: removed from {cluster.spec_file(100)}")
     assert declared(cluster).entry(100, 1) is None
 
 
@@ -160,13 +173,14 @@ def test_list_shows_both_kinds_and_json_has_every_field(cluster):
         "vmid": 100, "nic": "net0", "kind": "qinq", "backend": None, "bridge": "vmbr0", "mac": "BC:24:11:AA:00:01",
         "vlan_mode": "dot1q-tunnel", "tag": None, "trunks": [], "qinq": 200, "cvlans": [10, 11],
         "ethertype": "802.1ad", "queues": None, "rx_queue_size": None, "tx_queue_size": None, "mtu": None,
-        "port": "tap100i0", "socket": None,
+        "port": "tap100i0", "socket": None, "summary": "QinQ on tap100i0, S-tag 200 (802.1ad), C-VLANs 10-11",
     }
     assert rows[1] == {
         "vmid": 100, "nic": "net1", "kind": "vhostuser", "backend": "ovs", "bridge": "br-dpdk",
         "mac": "02:00:00:00:00:01", "vlan_mode": "access", "tag": 10, "trunks": [], "qinq": None, "cvlans": [],
         "ethertype": None, "queues": 1, "rx_queue_size": 1024, "tx_queue_size": 1024, "mtu": None,
         "port": "vhu100i1", "socket": str(cluster.root / "run/pve-vhost-agent/ovs/vm-100-1.sock"),
+        "summary": "vhost-user on bridge br-dpdk, backend ovs, MAC 02:00:00:00:00:01, VLAN tag 10",
     }
     assert (rows[2]["backend"], rows[2]["trunks"], rows[2]["rx_queue_size"], rows[2]["mtu"]) == ("external", [1, 2, 3], 512, 9000)
     assert rows[2]["socket"].endswith("/run/pve-vhost-agent/external/vm-200-6.sock")
@@ -240,7 +254,7 @@ BAD = [
 
 @pytest.fixture
 def declared_cluster(cluster):
-    cluster.spec_file.write_text("qinq: 100-net0\n\tqinq 100\n\n"
+    cluster.legacy_spec_file.write_text("qinq: 100-net0\n\tqinq 100\n\n"  # also: the old single file is read
                                  "vhostuser: 100-net1\n\tbridge br0\n\tmac 02:00:00:00:00:01\n\n")
     return cluster
 
@@ -258,13 +272,13 @@ def test_bad_input_is_one_line_with_its_exit_code_and_writes_nothing(declared_cl
 
 
 def test_malformed_spec_file_is_named_with_its_line(cluster):
-    cluster.spec_file.write_text("vhostuser: 100-net1\n\tbridge br0\n\tmac 02:00:00:00:00:01\n\tvlan 5\n")
+    cluster.legacy_spec_file.write_text("vhostuser: 100-net1\n\tbridge br0\n\tmac 02:00:00:00:00:01\n\tvlan 5\n")
     before = cluster.snapshot()
     for args in (("nic", "list"), ("nic", "add", "100", "net5", "--bridge", "br0")):
         result = cluster.cli(*args)
         assert result.returncode == ExitCode.BAD_SPEC
-        assert result.stderr == (f"pve-vhost-agent: {cluster.spec_file} line 4: unknown key 'vlan' in a vhostuser section; "
-                                 "use only: backend, bridge, mac, tag, trunks, qinq, cvlans, ethertype, queues, "
+        assert result.stderr == (f"pve-vhost-agent: {cluster.legacy_spec_file} line 4: unknown key 'vlan' in a vhostuser section; "
+                                 "use only: bridge, mac, backend, socket, tag, trunks, qinq, cvlans, ethertype, queues, "
                                  "rx-queue-size, tx-queue-size, mtu\n")
     assert cluster.snapshot() == before
 

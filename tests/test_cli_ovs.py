@@ -6,9 +6,9 @@ import time
 
 from conftest import REPO
 from pve_vhost_agent.errors import ExitCode
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports, plan_vm_removal
-from pve_vhost_agent.spec import EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports, plan_vm_removal
+from pve_vhost_agent.model.spec import EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
 
 
 def cli(*args):
@@ -40,9 +40,10 @@ def test_status_lists_the_vms_vhost_user_ports(ovs_dpdk, ovs_tmp):
     port = report["ports"][0]
     assert (port["port"], port["nic"], port["bridge"], port["type"]) == ("vhu100i2", "net2", "h3cli0", "dpdkvhostuserclient")
     assert (port["vhost_mode"], port["vhost_status"]) == ("client", "disconnected")
-    assert port["vlan"] == "dot1q-tunnel tag=950 qinq-ethtype=802.1q" and port["socket"] == f"{ovs_tmp}/vm-100-2.sock"
+    assert port["vlan"] == "S-tag 950 (802.1q)" and port["socket"] == f"{ovs_tmp}/vm-100-2.sock"
+    assert (port["vlan_mode"], port["tag"], port["cvlans"], port["qinq_ethtype"]) == ("dot1q-tunnel", 950, [], "802.1q")
     assert text.returncode == 0 and text.stdout.startswith(
-        f"vhu100i2 net2 on h3cli0: vhost-user client disconnected, socket {ovs_tmp}/vm-100-2.sock; dot1q-tunnel tag=950")
+        f"vhu100i2 net2 on h3cli0: vhost-user client disconnected, socket {ovs_tmp}/vm-100-2.sock; S-tag 950 (802.1q)")
     assert other.stdout == "VM 101: no Open vSwitch ports made or changed by pve-vhost-agent\n"
 
 

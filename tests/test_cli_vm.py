@@ -6,7 +6,7 @@ import pytest
 
 from fixtures.fakeqemu import start_fake_qemu
 
-from pve_vhost_agent.vmconfig import VmConfig
+from pve_vhost_agent.formats.vmconfig import VmConfig
 
 ROUTER = """\
 #TNSR router
@@ -68,7 +68,7 @@ def test_memory_change_is_explained_and_fixed_by_apply(router):
     text = router.vm_path(100).read_text().replace("memory: 4096", "memory: 8192")
     router.vm_path(100).write_text(text)
     shown = router.cli("show", "100")
-    assert "vhu-mem: -object size 4096M -> 8192M" in shown.stdout
+    assert "memory changed from 4096 to 8192 MiB since the args were written" in shown.stdout
     assert "fix: pve-vhost-agent apply 100" in shown.stdout
     assert router.cli("apply", "100").returncode == 0
     assert "size=8192M" in config_of(router).section("main")["args"]
@@ -100,7 +100,7 @@ def test_removing_the_spec_removes_only_the_agent_args(router):
     router.cli("nic", "remove", "100", "net1")
     result = router.cli("apply", "--all")
     assert result.returncode == 0, result.stderr
-    assert "vhu-net1: in args but no longer planned" in result.stdout
+    assert "net1 is in the args but no longer declared" in result.stdout
     assert router.vm_path(100).read_text() == ROUTER
 
 

@@ -29,12 +29,12 @@ import pytest
 from fixtures.frames import TPID, FrameProbe, tags_of
 from fixtures.guest import (NO_REPLY, READY, RELEASED, REPLY, TEST_MACHINE_ONLY, Guest, boot,
                             kernel_command_line)
-from pve_vhost_agent.argsplan import plan_args
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports, plan_vm_removal
-from pve_vhost_agent.qemu import installed_version
+from pve_vhost_agent.plan.args import plan_args
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports, plan_vm_removal
+from pve_vhost_agent.adapters.qemu import installed_version
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import Backend, EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.model.spec import Backend, EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,7 @@
 """The hookscript's front door: silent for VMs that are not the agent's, one line for bad calls."""
 
 import os
+import shutil
 import socket
 import subprocess
 
@@ -22,7 +23,7 @@ def call_hook(root, *argv: str, **env) -> subprocess.CompletedProcess:
 
 def test_the_hookscript_is_an_executable_python_script():
     assert os.access(HOOKSCRIPT, os.X_OK)
-    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3\n")
+    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3 -I\n")  # isolated: no PYTHONPATH, no script dir
 
 
 @pytest.mark.parametrize("phase", ["pre-start", "post-start", "pre-stop", "post-stop"])
@@ -65,10 +66,11 @@ def test_a_spec_whose_vm_config_is_gone_aborts_pre_start(pve_root):
 
 def test_a_malformed_spec_file_aborts_pre_start_with_the_line(pve_root):
     pve_root.write_vm(100, VM)
-    pve_root.spec_file.write_text("vhostuser: 100-net1\n\tbridge brv\n\tmac 02:00:00:00:00:01\n\ttag 5000\n")
+    pve_root.spec_file(100).parent.mkdir(parents=True)
+    pve_root.spec_file(100).write_text("vhostuser: 100-net1\n\tbridge brv\n\tmac 02:00:00:00:00:01\n\ttag 5000\n")
     result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
     assert result.returncode == 3
-    assert b"pve-vhost-agent.cfg line 1 (vhostuser: 100-net1): VLAN tag 5000 is outside 1-4094" in result.stderr
+    assert b"pve-vhost-agent/100.cfg line 1 (vhostuser: 100-net1): VLAN tag 5000 is outside 1-4094" in result.stderr
 
 
 def test_install_hook_puts_an_executable_copy_into_the_storage(pve_root):
@@ -127,11 +129,11 @@ def test_a_socket_folder_that_cannot_be_made_aborts_pre_start_in_one_line(pve_ro
     pve_root.write_vm(100, VM)
     pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
     assert pve_root.cli("enable", "100").returncode == 0
-    (pve_root.root / "run").mkdir(exist_ok=True)
+    shutil.rmtree(pve_root.root / "run/pve-vhost-agent")  # made by enable: someone put a file there since
     (pve_root.root / "run/pve-vhost-agent").write_text("not a folder\n")
     result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
-    assert result.returncode == 1 and b"Traceback" not in result.stdout + result.stderr
-    assert b"cannot create the socket folder" in result.stdout and b"Not a directory" in result.stdout
+    assert result.returncode == 4 and b"Traceback" not in result.stdout + result.stderr
+    assert b"refusing the socket folder" in result.stdout and b"pve-vhost-agent is not a plain folder" in result.stdout
 
 
 def test_a_chained_hookscript_without_a_shebang_is_one_line_not_a_traceback(pve_root):

@@ -146,8 +146,8 @@ def test_full_cycle_leaves_nothing_behind_and_tells_the_story(harness):
     actions = {(e.get("ACTION"), e.get("PORT")) for e in entries}
     assert ("AddVhostPort", h.vhost_port) in actions and ("SetTapQinQ", h.tap) in actions
     assert ("DelPort", h.vhost_port) in actions
-    timed = [e for e in entries if e.get("ACTION") == "ApplyOvs"]
-    assert timed and all(e["RESULT"] == "ok" and e["DURATION_MS"].isdigit() for e in timed)
+    timed = [e for e in entries if e.get("ACTION") in ("AddVhostPort", "SetTapQinQ", "DelPort")]
+    assert timed and all(e["RESULT"] == "done" and e["DURATION_MS"].isdigit() for e in timed)
 
 
 def test_stale_args_abort_the_start_with_the_fixing_command(harness):
@@ -158,7 +158,8 @@ def test_stale_args_abort_the_start_with_the_fixing_command(harness):
     with pytest.raises(StartAborted) as caught:
         h.qm().start(h.vmid)
     log = caught.value.task.text
-    assert "size 128M -> 192M" in log and f"pve-vhost-agent apply {h.vmid}" in log
+    assert "memory changed from 128 to 192 MiB since the args were written" in log
+    assert f"pve-vhost-agent apply {h.vmid}" in log
     assert h.owned_ports() == []  # refused before touching OVS
     h.cli("apply", str(h.vmid))
     vm = h.qm().start(h.vmid)
@@ -330,7 +331,7 @@ def test_a_migration_start_checks_and_plans_from_the_main_section(harness):
     assert migrating.returncode == 0, migrating.stdout
     assert h.vhost_port in h.owned_ports()
     cold = h.hook("pre-start")  # a cold start applies the pending memory: now it is stale
-    assert cold.returncode == 9 and "size 128M -> 192M" in cold.stdout
+    assert cold.returncode == 9 and "memory changed from 128 to 192 MiB" in cold.stdout
 
 
 def test_a_migration_start_refuses_a_nic_the_spec_dropped_while_the_vm_ran(harness):
@@ -389,3 +390,33 @@ def test_a_hugepages_vm_starts_on_a_host_with_no_hugepages_reserved_yet(harness)
     vm = h.qm().start(h.vmid)
     assert chardev_connected(vm, "vhu-net1")
     assert "ERROR" not in vm.task.text
+
+
+def test_an_adopted_tnsr_recipe_vm_starts_in_real_qemu_on_its_external_socket(harness):
+    """A VM set up by the TNSR recipe by hand: `adopt` declares its NIC on the same socket,
+    keeps its MAC and the user's other words, and the stand-in's command line (checked
+    against Proxmox's corpus) starts in real QEMU, connected to the switch's socket."""
+    h = harness
+    with tempfile.TemporaryDirectory(prefix="h12ad", dir="/tmp") as vpp:
+        sock = Path(vpp) / f"vm-{h.vmid}-0.sock"
+        recipe = (f"-chardev socket,id=char1,path={sock},reconnect=2 "
+                  f"-netdev type=vhost-user,id=vm-{h.vmid}-0,chardev=char1,vhostforce=on "
+                  "-object memory-backend-file,id=mem1000,size=128M,mem-path=/dev/shm,share=on "
+                  f"-numa node,memdev=mem1000 -device virtio-net-pci,netdev=vm-{h.vmid}-0,mac=02:AA:BB:00:00:07 "
+                  "-smbios type=1,serial=router7")
+        h.cluster.write_vm_config("nodeA", h.vmid, (
+            f"args: {recipe}\nballoon: 0\nhookscript: local:snippets/pve-vhost-agent\nmemory: 128\nname: router\n"))
+        h.cli("install-hook")
+        dry = h.cli("adopt", str(h.vmid), "--dry-run")
+        assert f"QEMU keeps connecting to {sock}" in dry.stdout and "MAC 02:AA:BB:00:00:07" in dry.stdout
+        h.cli("adopt", str(h.vmid))
+        args = h.cli("show", str(h.vmid), "--json").stdout
+        assert '"in_sync": true' in args
+        line = next(x for x in h.node.vm_conf(h.vmid).read_text().splitlines() if x.startswith("args: "))
+        assert line.startswith("args: -smbios type=1,serial=router7 -object memory-backend-memfd")
+        assert "/dev/shm" not in line and "-numa" not in line and f"path={sock},reconnect" in line
+        with VhostUserStub(sock) as switch:
+            switch.listen()
+            vm = h.qm().start(h.vmid)
+            assert chardev_connected(vm, "vhu-net1")
+            h.qm().stop(h.vmid)

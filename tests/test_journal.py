@@ -8,11 +8,10 @@ import uuid
 
 import pytest
 
-from pve_vhost_agent.journal import (
+from pve_vhost_agent.adapters.journal import (
     context_logger,
     guard_text,
     setup_logging,
-    timed_action,
 )
 
 from conftest import REPO
@@ -84,20 +83,18 @@ SENDER = textwrap.dedent(
     """
     import logging, sys
     sys.path.insert(0, {repo!r})
-    from pve_vhost_agent.journal import context_logger, setup_logging, timed_action
+    from pve_vhost_agent.adapters.journal import context_logger, setup_logging
+    from pve_vhost_agent.flows.apply import report
+    from pve_vhost_agent.model.actions import AddVhostPort, DelPort
+    from pve_vhost_agent.model.ovs import PortVlan
     print("attached", setup_logging(journal=True, human_stream=sys.stdout, level=logging.DEBUG))
-    base = logging.getLogger("pve_vhost_agent.hook")
+    base = logging.getLogger("pve_vhost_agent.flows.hook")
     log = context_logger(base, vmid={vmid}, phase="pre-start")
     log.debug("looking at VM {vmid}")
     log.warning("memory is tight", extra={{"nic": "net1"}})
-    with timed_action(log, "AddVhostPort", "add port vhu{vmid}i1 to br-vhost",
-                      nic="net1", port="vhu{vmid}i1", bridge="br-vhost"):
-        pass
-    try:
-        with timed_action(log, "DelPort", "remove port vhu{vmid}i2", nic="net2", port="vhu{vmid}i2"):
-            raise OSError("ovsdb gone")
-    except OSError:
-        pass
+    tunnel = PortVlan("dot1q-tunnel", 950, (), (10, 20), "802.1ad")
+    report(log, AddVhostPort("vhu{vmid}i1", "br-vhost", {vmid}, "net1", "/run/x/vm-{vmid}-1.sock", tunnel), "done", 12)
+    report(log, DelPort("vhu{vmid}i2", "", {vmid}), "skipped: the VM is busy", None, logging.ERROR)
     context_logger(base, vmid={other}, phase="post-stop").info("other VM")
     """
 )
@@ -116,44 +113,32 @@ def test_entries_land_in_journald_with_structured_fields(journald):
     assert result.stdout.splitlines()[0] == "attached True"
 
     entries = journald.entries("SYSLOG_IDENTIFIER=pve-vhost-agent", f"VMID={vmid}", count=4)
-    assert [e["MESSAGE"].split(":")[0] for e in entries] == [
-        f"looking at VM {vmid}",
-        "memory is tight",
-        f"add port vhu{vmid}i1 to br-vhost",
-        f"remove port vhu{vmid}i2",
+    added_text = f"add vhost-user port vhu{vmid}i1 on br-vhost: S-tag 950 (802.1ad), C-VLANs 10,20"
+    assert [e["MESSAGE"] for e in entries] == [
+        f"looking at VM {vmid}", "memory is tight", added_text,
+        f"remove vhost-user port vhu{vmid}i2 from Open vSwitch: skipped: the VM is busy",
     ]
     debug, warning, added, failed = entries
     assert {e["PHASE"] for e in entries} == {"pre-start"}
     assert (debug["PRIORITY"], warning["PRIORITY"], added["PRIORITY"], failed["PRIORITY"]) == ("7", "4", "6", "3")
     assert "ACTION" not in warning and "PORT" not in warning and warning["NIC"] == "net1"
-    assert {k: added[k] for k in ("NIC", "PORT", "BRIDGE", "ACTION", "RESULT")} == {
-        "NIC": "net1", "PORT": f"vhu{vmid}i1", "BRIDGE": "br-vhost", "ACTION": "AddVhostPort", "RESULT": "ok",
-    }
-    assert added["DURATION_MS"].isdigit()
-    assert added["MESSAGE"] == f"add port vhu{vmid}i1 to br-vhost: ok ({added['DURATION_MS']} ms)"
-    assert (failed["ACTION"], failed["RESULT"]) == ("DelPort", "failed")
-    assert failed["MESSAGE"].endswith(": ovsdb gone")
-    assert "BRIDGE" not in failed
+    # The details are fields, never a repr in the message.
+    assert {k: added[k] for k in ("NIC", "PORT", "BRIDGE", "ACTION", "RESULT", "DURATION_MS", "SOCKET", "VLAN_MODE",
+                                  "TAG", "CVLANS", "QINQ_ETHTYPE")} == {
+        "NIC": "net1", "PORT": f"vhu{vmid}i1", "BRIDGE": "br-vhost", "ACTION": "AddVhostPort", "RESULT": "done",
+        "DURATION_MS": "12", "SOCKET": f"/run/x/vm-{vmid}-1.sock", "VLAN_MODE": "dot1q-tunnel", "TAG": "950",
+        "CVLANS": "10,20", "QINQ_ETHTYPE": "802.1ad"}
+    assert (failed["ACTION"], failed["RESULT"]) == ("DelPort", "skipped: the VM is busy")
+    assert "BRIDGE" not in failed and "DURATION_MS" not in failed
     # The other VM's entry is not part of this VM's story, but is in the journal.
     assert [e["MESSAGE"] for e in journald.entries(f"VMID={other}")] == ["other VM"]
-    # The same lines reached the human stream (the task log).
+    # The same lines reached the human stream (the task log), each once.
     assert result.stdout.splitlines()[1:] == [
         f"looking at VM {vmid}",
         "WARN: memory is tight",
-        f"add port vhu{vmid}i1 to br-vhost: ok ({added['DURATION_MS']} ms)",
-        f"ERROR: remove port vhu{vmid}i2: failed ({failed['DURATION_MS']} ms): ovsdb gone",
+        added_text,
+        f"ERROR: remove vhost-user port vhu{vmid}i2 from Open vSwitch: skipped: the VM is busy",
         "other VM",
     ]
 
 
-def test_timed_action_reraises_and_reports_result(human):
-    setup_logging(journal=False, human_stream=human)
-    log = logging.getLogger("pve_vhost_agent.test")
-    with timed_action(log, "SetQinQ", "set QinQ on tap100i0") as outcome:
-        outcome.result = "unchanged"
-    with pytest.raises(RuntimeError):
-        with timed_action(log, "SetQinQ", "set QinQ on tap100i1"):
-            raise RuntimeError("no such port")
-    first, second = human.getvalue().splitlines()
-    assert first.startswith("set QinQ on tap100i0: unchanged (") and first.endswith(" ms)")
-    assert second.startswith("ERROR: set QinQ on tap100i1: failed (") and second.endswith("ms): no such port")

@@ -242,7 +242,7 @@ def test_live_migration_moves_the_port_and_the_service_removes_the_source_leftov
     dry = b.cli("service", "--dry-run")
     assert "would:" not in dry.stdout, dry.stdout
     service = a.cli("service", "--once")
-    assert f"VM {vm.vmid} lives on node nodeB now (migrated away)" in service.stderr, service.stderr
+    assert f"(VM {vm.vmid} migrated to node nodeB)\n" in service.stderr, service.stderr
     assert a.owned_ports(vm.vmid) == [] and a.ovs.find("Port", f"name={vm.port}") == []
     assert not a.socket(vm.vmid).exists()
     assert b.vhost_iface(vm.port) == before_b and b.socket(vm.vmid).is_socket() and chardev_connected(moved)

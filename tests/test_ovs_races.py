@@ -9,12 +9,12 @@ import pytest
 from fixtures.ovs import _alive, run
 
 from pve_vhost_agent.errors import OvsRefused, OwnershipError
-from pve_vhost_agent.ovsactions import EnsureBridge, RestoreTapVlan, SetTapQinQ
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_tap_qinq
-from pve_vhost_agent.ovsrows import write
-from pve_vhost_agent.ovsstate import PortVlan
-from pve_vhost_agent.spec import QinQ, TapQinQ, VmSpec
+from pve_vhost_agent.model.actions import EnsureBridge, RestoreTapVlan, SetTapQinQ
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_tap_qinq
+from pve_vhost_agent.adapters.ovsrows import write
+from pve_vhost_agent.model.ovs import PortVlan
+from pve_vhost_agent.model.spec import QinQ, TapQinQ, VmSpec
 
 OWNER = "pve-vhost-agent:owner"
 TAP_QINQ = VmSpec(100, (), (TapQinQ(100, 1, QinQ(950)),))

@@ -7,10 +7,10 @@ Runs on a private userspace ovs-vswitchd: it cannot open dpdkvhostuserclient int
 import json
 
 from fixtures.ovs import run
-from pve_vhost_agent.ovsactions import AddVhostPort
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_gc
-from pve_vhost_agent.ovsstate import PortVlan
+from pve_vhost_agent.model.actions import AddVhostPort
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_gc
+from pve_vhost_agent.model.ovs import PortVlan
 
 # Counters and statistics move on their own; everything else must come back unchanged.
 VOLATILE = {"next_cfg", "cur_cfg", "statistics"}

@@ -2,17 +2,16 @@
 
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from pve_vhost_agent.errors import AgentTimeout, OvsRefused, OvsUnavailable, OwnershipError
-from pve_vhost_agent.ovsactions import AddVhostPort, DelPort, EnsureBridge, SetPortMtu, SetPortVlan
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_gc, plan_tap_qinq, plan_vhost_ports
-from pve_vhost_agent.ovsrows import write
-from pve_vhost_agent.ovsstate import PortVlan
-from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.model.actions import AddVhostPort, DelPort, EnsureBridge, SetPortMtu, SetPortVlan
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_gc, plan_tap_qinq, plan_vhost_ports
+from pve_vhost_agent.adapters.ovsrows import write
+from pve_vhost_agent.model.ovs import PortVlan
+from pve_vhost_agent.model.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
 
 OWNER = "pve-vhost-agent:owner"
 TUNNEL = PortVlan("dot1q-tunnel", 950, (), (10, 11), "802.1q")

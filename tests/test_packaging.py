@@ -9,6 +9,7 @@ import click
 from pve_vhost_agent import __version__
 
 from conftest import REPO
+from pvestandin.layout import link_package
 
 
 def load_click2man():
@@ -77,7 +78,7 @@ def test_man_page_documents_nested_commands_and_renders_cleanly():
 def test_man_page_of_the_real_cli_renders_cleanly():
     result = subprocess.run(
         ["/usr/bin/python3", "debian/click2man", "--include", "debian/pve-vhost-agent.1.extra",
-         "--version", __version__, "pve_vhost_agent.cli:main", "pve-vhost-agent"],
+         "--version", __version__, "pve_vhost_agent.cli.main:main", "pve-vhost-agent"],
         cwd=REPO, env={"PYTHONPATH": str(REPO), "SOURCE_DATE_EPOCH": "86400", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=60, check=True)
     rendered = render(result.stdout)
@@ -86,16 +87,22 @@ def test_man_page_of_the_real_cli_renders_cleanly():
     assert "qm set vmid --hookscript local:snippets/pve-vhost-agent" in rendered.stdout
 
 
-def test_hookscript_ignores_modules_beside_it(tmp_path):
-    # Proxmox runs the hookscript from a snippets folder that holds other users' scripts.
-    snippets = tmp_path / "snippets"
-    snippets.mkdir()
+def test_hookscript_ignores_modules_beside_it_and_on_pythonpath(tmp_path):
+    # Proxmox runs the hookscript from a snippets folder that holds other users' scripts,
+    # as root: neither that folder nor PYTHONPATH may put modules into it.
+    snippets, decoys, root = tmp_path / "snippets", tmp_path / "decoys", tmp_path / "root"
+    for folder in (snippets, decoys / "pve_vhost_agent", snippets / "pve_vhost_agent"):
+        folder.mkdir(parents=True)
     hook = snippets / "pve-vhost-agent"
     hook.write_bytes((REPO / "hookscripts/pve-vhost-agent").read_bytes())
     hook.chmod(0o755)
-    (snippets / "click.py").write_text("raise SystemExit('decoy click.py imported')\n")
-    result = subprocess.run([str(hook), "--help"], cwd=snippets, env={"PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=60)
+    for folder in (snippets, decoys):
+        (folder / "sitecustomize.py").write_text("raise SystemExit('decoy sitecustomize imported')\n")
+        (folder / "pve_vhost_agent" / "__init__.py").write_text("raise SystemExit('decoy package imported')\n")
+    link_package(root)
+    result = subprocess.run([str(hook), "100", "pre-start"], cwd=snippets, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(decoys), "PVE_VHOST_AGENT_ROOT": str(root), "LC_ALL": "C"},
+                            timeout=60)
     assert "decoy" not in result.stdout + result.stderr
-    output = result.stdout + result.stderr
-    assert "pve-vhost-agent" in output and "hook" in output  # the CLI ran, asked for `hook`
+    # The real agent ran: VM 100 has no config under the root, so it is not the agent's VM.
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

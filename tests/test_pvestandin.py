@@ -398,9 +398,9 @@ def test_whole_cfg2cmd_corpus_matches_or_is_declared_not_modelled():
 JOURNAL_HOOK = """#!/usr/bin/python3
 import logging, sys
 sys.path.insert(0, {repo!r})
-from pve_vhost_agent.journal import context_logger, setup_logging
+from pve_vhost_agent.adapters.journal import context_logger, setup_logging
 setup_logging(journal=True, human_stream=sys.stdout)
-log = context_logger(logging.getLogger("pve_vhost_agent.hook"), vmid=int(sys.argv[1]), phase=sys.argv[2])
+log = context_logger(logging.getLogger("pve_vhost_agent.flows.hook"), vmid=int(sys.argv[1]), phase=sys.argv[2])
 log.info("phase %s", sys.argv[2])
 """
 

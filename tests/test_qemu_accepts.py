@@ -19,10 +19,10 @@ import pytest
 
 from fixtures.qemu import QEMU
 from fixtures.vhost_user_stub import VhostUserStub
-from pve_vhost_agent.argsplan import plan_args
+from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.errors import ConfigConflict, MemoryLayoutError
-from pve_vhost_agent.qemu import installed_version
-from pve_vhost_agent.spec import Backend, VhostNic, VmSpec
+from pve_vhost_agent.adapters.qemu import installed_version
+from pve_vhost_agent.model.spec import Backend, VhostNic, VmSpec
 
 MEMORY_MIB = 128
 # Proxmox's own net0 (a user netdev stands in for its tap), at the slot PCI.pm gives it.

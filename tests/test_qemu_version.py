@@ -6,7 +6,7 @@ import pytest
 
 from fixtures.qemu import QEMU
 from pve_vhost_agent.errors import AgentError
-from pve_vhost_agent.qemu import installed_version, parse_version
+from pve_vhost_agent.adapters.qemu import installed_version, parse_version
 
 
 @pytest.mark.parametrize("text, version", [

@@ -7,7 +7,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from pve_vhost_agent.errors import ConfigConflict, SpecError
-from pve_vhost_agent.qemuargs import (
+from pve_vhost_agent.formats.qemuargs import (
     agent_args,
     check_user_args,
     merge_agent_args,

@@ -23,11 +23,11 @@ import pytest
 
 from fixtures.frames import TPID, FrameProbe, frame, mac, tags_of
 from pvestandin import Cluster
-from pve_vhost_agent.ovsactions import RestoreTapVlan
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_tap_qinq, plan_vm_removal
-from pve_vhost_agent.ovsstate import PortVlan
-from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VmSpec
+from pve_vhost_agent.model.actions import RestoreTapVlan
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_tap_qinq, plan_vm_removal
+from pve_vhost_agent.model.ovs import PortVlan
+from pve_vhost_agent.model.spec import EtherType, QinQ, TapQinQ, VmSpec
 
 C_TAG = 0x8100  # the TPID of the customer tags a VM puts on its frames
 TAP, TRUNK, BRIDGE = "tap901i0", "h3trunk", "h3qbr"
@@ -139,7 +139,7 @@ def test_customer_vlans_outside_cvlans_are_dropped(lan):
 def test_restore_gives_back_proxmoxs_access_port_which_drops_tagged_frames(lan):
     lan.tunnel(QinQ(950, (10,), EtherType.DOT1AD))
     plan = plan_vm_removal(901, lan.db.snapshot())
-    assert plan == (RestoreTapVlan(TAP, PortVlan("", 20)),)
+    assert plan == (RestoreTapVlan(TAP, PortVlan("", 20), 901),)
     lan.settle(plan)
     assert lan.ovs.get("Port", TAP, "tag", "vlan_mode", "cvlans", "other_config", "external_ids") == {
         "tag": 20, "vlan_mode": [], "cvlans": [], "other_config": {}, "external_ids": {}}

@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from fixtures.ovs import _alive, run, start_ovs
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports
-from pve_vhost_agent.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
-from pve_vhost_agent.specstore import load_spec, update_spec
-from pve_vhost_agent.vmargs import apply_vm_args
-from pve_vhost_agent.vmconfig import VmConfig
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports
+from pve_vhost_agent.model.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.adapters.specstore import load_spec, update_spec
+from pve_vhost_agent.flows.vmargs import apply_vm_args
+from pve_vhost_agent.formats.vmconfig import VmConfig
 
 from fixtures.fakeqemu import start_fake_qemu
 from conftest import REPO
@@ -220,7 +220,7 @@ def test_args_of_a_stopped_vm_follow_a_memory_change_in_one_pass(node):
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"1 VM \(0 running\): 0 vhost-user ports \(0 connected\), 0 QinQ taps; "
                         r"last pass \d\d:\d\d:\d\d ok; 0 problems\n", result.stdout)
-    assert "VM 100: write its args line (vhu-mem: -object size 4096M -> 8192M): changed" in result.stderr
+    assert "write VM 100's args line: memory changed from 4096 to 8192 MiB since the args were written\n" in result.stderr
     after = node.root.vm_path(100).read_text()
     assert "size=8192M" in node.args(100)
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
@@ -285,9 +285,8 @@ def test_a_re_plugged_tap_gets_qinq_back_at_once_and_a_busy_vm_waits(node, notif
         assert service.wait(timeout=10) == 0
     log = service.stderr.read()
     # The first pass also proved, through the agent's Datapath row, that netdev has two VLAN headers.
-    assert log.count("VM 100: tap ports as declared again: EnsureDatapath netdev, CheckVlanHeaders netdev, "
-                     "SetTapQinQ tap100i0: changed") == 1
-    assert log.count("VM 100: tap ports as declared again: SetTapQinQ tap100i0: changed") == 2
+    assert log.count("add a Datapath row for netdev, so ovs-vswitchd reports its VLAN depth\n") == 1
+    assert log.count("make Proxmox's tap100i0 a QinQ port: S-tag 950 (802.1q), C-VLANs 10-11\n") == 3
 
 
 # --- (c) leftovers after a migration, and a busy VM ------------------------------------------------
@@ -313,20 +312,20 @@ def test_leftovers_of_a_migrated_vm_go_and_a_busy_vms_stay(node):
         dry = node.cli("service", "--dry-run")
         assert dry.returncode == 0, dry.stderr
         assert dry.stdout.splitlines()[:2] == [
-            "would: RemoveLeftovers(vmid=100, reason='VM 100 lives on node pve2 now (migrated away)', "
-            "actions=(DelPort(port='vhu100i1', bridge='h6svvh'),))",
-            f"would: DelSocket(vmid=100, path='{socket100}')"]
+            f"would: remove vhost-user port vhu100i1 from {VHOST_BRIDGE} (VM 100 migrated to node pve2)",
+            f"would: remove stale socket {socket100}"]
         assert node.root.snapshot() == before and node.ports() == ["vhu100i1", "vhu101i1", "vhu102i1"]
         result = node.cli("service", "--once")
         assert result.returncode == 0, result.stderr
         assert node.ports() == ["vhu101i1", "vhu102i1"]
         assert not socket100.exists() and socket101.is_socket() and external.is_socket()
-        assert "VM 100 lives on node pve2 now (migrated away): DelPort vhu100i1: changed" in result.stderr
+        assert f"remove vhost-user port vhu100i1 from {VHOST_BRIDGE} (VM 100 migrated to node pve2)\n" in result.stderr
 
     # The start failed after pre-start: no hook runs, the lock is free, no QEMU.
     result = node.cli("service", "--once")
     assert result.returncode == 0, result.stderr
-    assert "VM 101 does not run (a failed start, or a stop without post-stop): DelPort vhu101i1" in result.stderr
+    assert (f"remove vhost-user port vhu101i1 from {VHOST_BRIDGE} (VM 101 does not run: a failed start or a stop "
+            "without post-stop)") in result.stderr
     assert node.ports() == ["vhu102i1"]  # not the agent's: left alone
     assert not socket101.exists() and external.is_socket()
     status = node.cli("status", "--json")
@@ -439,11 +438,11 @@ def test_nic_set_on_a_running_vm_reaches_ovs_at_once(node):
     with node.running(100):
         result = node.cli("nic", "set", "100", "net1", "--tag", "20")
         assert result.returncode == 0, result.stderr
-        assert "VM 100: set port vhu100i1 VLAN to access tag=20 (running VM, at once)" in result.stdout
+        assert "VM 100: set port vhu100i1 to VLAN tag 20 (running VM, at once)" in result.stdout
         assert node.ovs.get("Port", "vhu100i1", "tag")["tag"] == 20
 
         result = node.cli("nic", "set", "100", "net1", "--mtu", "9000", "--dry-run")
-        assert "dry run: would set port vhu100i1 MTU to 9000" in result.stdout
+        assert "dry run: would set port vhu100i1 to MTU 9000" in result.stdout
         assert node.ovs.get("Interface", "vhu100i1", "mtu_request") == {"mtu_request": []}
 
         result = node.cli("nic", "add", "100", "net2", "--bridge", VHOST_BRIDGE, "--tag", "30")

@@ -5,10 +5,10 @@ import fcntl
 import threading
 import time
 
-from pve_vhost_agent.ovsactions import AddVhostPort, EnsureBridge
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsstate import PortVlan
-from pve_vhost_agent.service import Service
+from pve_vhost_agent.model.actions import AddVhostPort, EnsureBridge
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.model.ovs import PortVlan
+from pve_vhost_agent.flows.service import Service
 
 
 def test_the_vm_lock_is_free_while_the_service_waits_for_ovs_vswitchd(fresh_ovs, pve_root):

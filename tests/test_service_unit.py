@@ -47,7 +47,7 @@ def stub_bin(folder: Path, repo: str = str(REPO)) -> Path:
     bindir.mkdir()
     exe = bindir / "pve-vhost-agent"
     exe.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, {repo!r})\n"
-                   "from pve_vhost_agent.cli import run\nrun()\n")
+                   "from pve_vhost_agent.cli.main import run\nrun()\n")
     exe.chmod(0o755)
     return bindir
 

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import REPO
 from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hostinfo import read_links
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.spec import QinQ, TapQinQ, VmSpec
-from pve_vhost_agent.tapcheck import link_warnings
+from pve_vhost_agent.adapters.host import read_links
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.model.spec import QinQ, TapQinQ, VmSpec
+from pve_vhost_agent.plan.tapqinq import link_warnings
 
 BRIDGE, TAP = "h12qsbr", "tap902i0"
 SMALL, ROOMY = "h12qsup1", "h12qsup2"  # uplinks with MTU 1500 and 1504

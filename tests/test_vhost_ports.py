@@ -5,12 +5,12 @@ import time
 import pytest
 
 from pve_vhost_agent.errors import OwnershipError
-from pve_vhost_agent.ovsactions import AddVhostPort, DelPort, EnsureBridge, ReplaceVhostPort, SetPortVlan
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports, plan_vm_removal
-from pve_vhost_agent.ovsstate import OvsState
+from pve_vhost_agent.model.actions import AddVhostPort, DelPort, EnsureBridge, ReplaceVhostPort, SetPortVlan
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports, plan_vm_removal
+from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import Backend, EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.model.spec import Backend, EtherType, QinQ, VhostNic, VlanPolicy, VmSpec
 
 BRIDGE = "h3vh0"
 
@@ -92,7 +92,7 @@ def test_post_stop_removes_only_that_vms_ports(dpdk, ovs_tmp):
     db.apply(plan_vhost_ports(VmSpec(101, (nic(0, 101),)), db.snapshot(), ovs_tmp))
     ovs.vsctl("add-port", BRIDGE, "vhu100i7", "--", "set", "Interface", "vhu100i7", "type=internal")  # not the agent's
     plan = plan_vm_removal(100, db.snapshot())
-    assert plan == (DelPort("vhu100i0", BRIDGE), DelPort("vhu100i1", BRIDGE))
+    assert plan == (DelPort("vhu100i0", BRIDGE, 100), DelPort("vhu100i1", BRIDGE, 100))
     db.apply(plan)
     assert ovs.find("Port", f"name!={BRIDGE}") == ["vhu100i7", "vhu101i0"]
     assert ovs.find("Interface", "type=dpdkvhostuserclient") == ["vhu101i0"]
@@ -124,7 +124,7 @@ def test_a_stale_plan_cannot_touch_a_port_that_changed_hands(dpdk, ovs_tmp):
     ovs, db = dpdk
     db.apply(plan_vhost_ports(VmSpec(100, (nic(),)), db.snapshot(), ovs_tmp))
     stale = plan_vhost_ports(VmSpec(100, (nic(vlan=VlanPolicy(tag=5)),)), db.snapshot(), ovs_tmp)
-    assert stale == (SetPortVlan("vhu100i0", stale[0].vlan),)
+    assert stale == (SetPortVlan("vhu100i0", stale[0].vlan, 100),)
     # Someone takes the port over between the agent's observing and applying.
     ovs.vsctl("set", "Port", "vhu100i0", "external_ids={}")
     with pytest.raises(OwnershipError, match="vhu100i0 is not the agent's"):

@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from pve_vhost_agent.argsplan import plan_args
-from pve_vhost_agent.ovsdb import Ovsdb
-from pve_vhost_agent.ovsplan import plan_vhost_ports, plan_vm_removal
-from pve_vhost_agent.qemu import installed_version
+from pve_vhost_agent.plan.args import plan_args
+from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.plan.ovs import plan_vhost_ports, plan_vm_removal
+from pve_vhost_agent.adapters.qemu import installed_version
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import Backend, VhostNic, VmSpec
+from pve_vhost_agent.model.spec import Backend, VhostNic, VmSpec
 
 VMID, BRIDGE = 100, "h3vq0"
 CONFIG = {"memory": "256", "balloon": "0", "cores": "1"}  # a Proxmox VM config, numa off

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pve_vhost_agent.errors import AgentTimeout, ClusterReadOnly, ConfigConflict, ExitCode, NotFound, SpecError
-from pve_vhost_agent.vmstore import find_vm, update_vm_config, vm_busy, vm_running
+from pve_vhost_agent.adapters.vmstore import find_vm, update_vm_config, vm_busy, vm_running
 
 from fixtures.fakeqemu import start_fake_qemu
 from conftest import PEER, REPO
@@ -174,7 +174,7 @@ def test_error_inside_the_change_releases_the_lock_and_writes_nothing(pve_root):
 def test_read_only_etc_pve_is_reported_as_no_quorum(pve_root):
     path = pve_root.write_vm(100, CONFIG)
     code = ("import sys; from pathlib import Path; from pve_vhost_agent.settings import Settings; "
-            "from pve_vhost_agent.vmstore import update_vm_config; from pve_vhost_agent.errors import AgentError\n"
+            "from pve_vhost_agent.adapters.vmstore import update_vm_config; from pve_vhost_agent.errors import AgentError\n"
             "try:\n"
             "    update_vm_config(Settings(root=Path(sys.argv[1]), node='pve1'), 100, "
             "lambda c: c.with_value('args', '-x'))\n"

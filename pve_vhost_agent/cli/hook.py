@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import click
 
-from pve_vhost_agent import hookinstall
-from pve_vhost_agent.errors import AgentError, ExitCode
-from pve_vhost_agent.hook import HookCall, has_leftovers, read_config, roll_back, run_chained, run_phase, uses_agent
-from pve_vhost_agent.journal import setup_logging
+from pve_vhost_agent.flows import enable as hookinstall
+from pve_vhost_agent.flows.hook import run_hook
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.specstore import load_spec
-
-log = logging.getLogger(__name__)
 
 
 @click.command("hook")
@@ -24,34 +18,7 @@ log = logging.getLogger(__name__)
 @click.pass_obj
 def hook(settings: Settings, vmid: str, phase: str) -> None:
     """Run hook PHASE for VM VMID, as Proxmox calls the hookscript (the hookscript runs this)."""
-    call = HookCall.from_argv(vmid, phase, os.environ)
-    vm = load_spec(settings).for_vm(call.vmid)
-    config = read_config(settings, call)
-    # Also without a spec: a clone's copied args, or what a VM left whose spec went.
-    ours = uses_agent(vm, config) or has_leftovers(settings, call, config)
-    if not ours and vm.chained_hook is None:
-        return  # not the agent's VM: silent, as Proxmox's task log should be
-    code = ExitCode.OK
-    if ours:
-        setup_logging(journal=True, human_stream=sys.stdout)
-        try:
-            run_phase(settings, call, vm, config)
-        except AgentError as err:
-            fields = {"vmid": call.vmid, "phase": call.phase, "result": "failed"}
-            if call.phase == "pre-start":
-                log.error("VM %s: start aborted: %s", call.vmid, err, extra=fields)
-                sys.exit(int(err.exit_code))
-            # Only pre-start can change what Proxmox does; later phases warn, and what is
-            # left behind is the service's to clean up.
-            log.warning("VM %s: %s: %s", call.vmid, call.phase, err, extra=fields)
-    if vm.chained_hook is not None:
-        chained = run_chained(settings, vm.chained_hook, call, os.environ)
-        if chained != 0 and call.phase == "pre-start" and vm:
-            log.error("VM %s: start aborted by the chained hookscript %s; undoing this pre-start",
-                      call.vmid, vm.chained_hook.hookscript, extra={"vmid": call.vmid, "phase": call.phase})
-            roll_back(settings, call, vm, config)
-        code = chained
-    sys.exit(int(code))
+    sys.exit(run_hook(settings, vmid, phase, os.environ))
 
 
 @click.command("install-hook")

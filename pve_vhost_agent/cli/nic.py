@@ -1,8 +1,6 @@
 """`nic add|set|remove|list` and `qinq set|remove`: declare NICs in the cluster-wide spec.
 
-These commands change /etc/pve/pve-vhost-agent.cfg (under the cluster lock); on an
-enabled VM they bring its args line in step at once, and on a running one its OVS ports
-(vmports: VLAN and MTU in place; what needs a restart is named).
+Options come from the NIC field table (model/fields.py); the work is flows/declare.py.
 """
 
 from __future__ import annotations
@@ -12,175 +10,72 @@ from typing import Callable
 
 import click
 
-from pve_vhost_agent import declare, spec, specfile
-from pve_vhost_agent.errors import NotFound, OvsUnavailable
-from pve_vhost_agent.settings import Settings, is_agent_hook
-from pve_vhost_agent.specstore import SpecUpdate, load_spec, update_spec
-from pve_vhost_agent.vmlayout import net_devices
-from pve_vhost_agent.cli.vm import report_args
-from pve_vhost_agent.vmargs import apply_vm_args, sync_for, vm_args
-from pve_vhost_agent.vmconfig import MAIN
-from pve_vhost_agent.vmports import follow_running_vm
-from pve_vhost_agent.vmstore import VmLocation, find_vm
-
-_ETHERTYPES = click.Choice([e.value for e in spec.EtherType])
-_BACKENDS = click.Choice([b.value for b in spec.Backend])
+from pve_vhost_agent.cli.vm import args_lines, args_row
+from pve_vhost_agent.errors import SpecError
+from pve_vhost_agent.flows import declare
+from pve_vhost_agent.formats import specfile
+from pve_vhost_agent.model import fields, spec
+from pve_vhost_agent.settings import Settings
 
 
-def _nic_options(command: Callable) -> Callable:
-    """The options `nic add` and `nic set` share (applied bottom-up)."""
-    options = [
-        click.option("--backend", type=_BACKENDS, help="ovs: OVS-DPDK port (default); external: a vhost-user server such as VPP/TNSR."),
-        click.option("--tag", type=int, help="Access VLAN (1-4094)."),
-        click.option("--trunks", metavar="LIST", help="Allowed VLANs, e.g. 10,20-30."),
-        click.option("--qinq", "stag", type=int, metavar="STAG", help="QinQ (dot1q-tunnel) with this service VLAN."),
-        click.option("--cvlans", metavar="LIST", help="With --qinq: allowed customer VLANs (default: all)."),
-        click.option("--ethertype", type=_ETHERTYPES, help="With --qinq: outer tag type (default 802.1ad)."),
-        click.option("--mac", help="MAC address (default: a stable, unique, locally administered one)."),
-        click.option("--queues", type=int, help="Queue pairs (multiqueue), 1-64."),
-        click.option("--rx-queue-size", type=int, help="256, 512 or 1024 (default)."),
-        click.option("--tx-queue-size", type=int, help="256, 512 or 1024 (default)."),
-        click.option("--mtu", type=int, help="MTU of the port."),
-        click.option("--dry-run", is_flag=True, help="Print the section that would be written; write nothing."),
-    ]
-    for option in reversed(options):
-        command = option(command)
+def _field_options(table: tuple[fields.NicField, ...], skip: tuple[str, ...] = ()) -> Callable:
+    """One --option per field of `table` (text, read by the field itself)."""
+    def decorate(command: Callable) -> Callable:
+        for field in reversed(table):
+            if field.key in skip:
+                continue
+            kind = click.Choice(field.choices) if field.choices else str
+            metavar = None if field.choices else field.metavar  # click shows the choices
+            command = click.option(f"--{field.key}", field.name, type=kind, metavar=metavar, help=field.help)(command)
+        return command
+    return decorate
+
+
+def _common(command: Callable) -> Callable:
+    command = click.option("--json", "as_json", is_flag=True, help="Print what was declared as one JSON object.")(command)
+    command = click.option("--dry-run", is_flag=True, help="Print the section that would be written; write nothing.")(command)
     return command
 
 
-def _nic_change(options: dict, no_vlan: bool = False) -> declare.NicChange:
-    qinq = declare.qinq_policy(options["stag"], options["cvlans"], options["ethertype"])
-    return declare.NicChange(
-        bridge=options.get("bridge"),
-        backend=spec.Backend(options["backend"]) if options["backend"] else None,
-        vlan=declare.vlan_policy(options["tag"], options["trunks"], qinq, no_vlan),
-        mac=options["mac"],
-        queues=options["queues"],
-        rx_queue_size=options["rx_queue_size"],
-        tx_queue_size=options["tx_queue_size"],
-        mtu=options["mtu"],
-    )
+def _change(options: dict, no_vlan: bool = False) -> fields.NicChange:
+    """The fields given on the command line, read by the table."""
+    table = fields.NIC_FIELDS + fields.VLAN_FIELDS
+    values = fields.read_fields({f.key: options[f.name] for f in table if options.get(f.name) is not None}, table)
+    vlan = fields.vlan_policy(values)
+    if no_vlan:
+        if vlan is not None:
+            raise SpecError("--no-vlan and a VLAN option contradict each other", "give one of them")
+        vlan = spec.VlanPolicy()
+    scalars = {f.name: values[f.name] for f in fields.NIC_FIELDS if f.name in values}
+    return fields.NicChange(scalars, vlan)
 
 
-def _change_spec(settings: Settings, change: Callable[[spec.ClusterSpec], spec.ClusterSpec], dry_run: bool) -> SpecUpdate:
-    if dry_run:
-        before = load_spec(settings)
-        return SpecUpdate(before, change(before))
-    return update_spec(settings, change)
-
-
-def _enabled(settings: Settings, vmid: int) -> VmLocation | None:
-    """The VM, when it lives here and has the agent's hookscript: its args follow its spec."""
-    try:
-        location = find_vm(settings, vmid)
-    except NotFound:
-        return None
-    hook = location.config.section(MAIN).get("hookscript")
-    return location if location.local and is_agent_hook(hook) else None
-
-
-def _checked(settings: Settings, location: VmLocation | None, after: spec.ClusterSpec, vmid: int) -> spec.ClusterSpec:
-    """`after`, once the args it implies can be planned for an enabled VM (else it raises:
-    a spec the VM could not start with is not written)."""
-    if location is not None:
-        sync_for(settings, after.for_vm(vmid), location.config, bool(location.running))
-    return after
-
-
-def _declare(settings: Settings, vmid: int, nic: str, rule: Callable, what: str, dry_run: bool) -> None:
-    """Apply `rule(cluster, vmid, index, vm_config)` to the spec and report it."""
-    index = spec.parse_nic_name(nic)
-    location = find_vm(settings, spec.check_vmid(vmid))
-    enabled = _enabled(settings, vmid)
-    update = _change_spec(
-        settings, lambda cluster: _checked(settings, enabled, rule(cluster, vmid, index, location.config), vmid), dry_run)
-    _report(settings, update, vmid, index, what, dry_run)
-    _follow(settings, vmid, enabled, update, dry_run)
-
-
-def _follow(settings: Settings, vmid: int, enabled: VmLocation | None, update: SpecUpdate, dry_run: bool) -> None:
-    """Bring an enabled VM's args in step at once, and a running one's OVS ports (what its
-    QEMU can take now; the rest is named as taking effect at the next start); otherwise
-    say how to enable it."""
-    if not update.changed:
+def _report(settings: Settings, result: declare.Declared, what: str, as_json: bool) -> None:
+    """What was declared (or would be), what followed, and the next step."""
+    vmid, index = result.vmid, result.index
+    if as_json:
+        entry = result.entry or result.before
+        click.echo(json.dumps({
+            "vmid": vmid, "nic": f"net{index}", "changed": result.update.changed, "dry_run": result.dry_run,
+            "removed": result.entry is None and result.before is not None,
+            "entry": declare.entry_row(settings, entry) if entry else None,
+            "args": args_row(result.args) if result.args else None, "notes": list(result.lines)}, indent=2))
         return
-    if enabled is None:
-        if not dry_run:
-            click.echo(f"next: `pve-vhost-agent enable {vmid}` sets the hookscript and writes the args line")
-        return
-    result = vm_args(settings, vmid, update.after) if dry_run else apply_vm_args(settings, vmid, update.after)
-    report_args(result, dry_run)
-    before, after = update.before.for_vm(vmid), update.after.for_vm(vmid)
-    if enabled.running and any(n.backend is spec.Backend.OVS for n in (*before.nics, *after.nics)):
-        try:
-            lines = follow_running_vm(settings, after, dry_run)
-        except OvsUnavailable as err:
-            # The spec and args are written (what the next start needs); say who catches up.
-            raise OvsUnavailable(f"VM {vmid}: spec and args written, but its running ports were not changed: {err}",
-                                 "the service applies the change once Open vSwitch answers again") from err
-        for line in lines:
-            click.echo(line)
-
-
-def _remove_command(rule: Callable, what: str, doc: str) -> click.Command:
-    """`remove VMID netN [--dry-run]`: the VM need not exist any more."""
-
-    @click.command("remove", help=doc)
-    @click.argument("vmid", type=int)
-    @click.argument("nic")
-    @click.option("--dry-run", is_flag=True, help="Print the section that would be removed; write nothing.")
-    @click.pass_obj
-    def remove(settings: Settings, vmid: int, nic: str, dry_run: bool) -> None:
-        index = spec.parse_nic_name(nic)
-        enabled = _enabled(settings, spec.check_vmid(vmid))
-        update = _change_spec(settings, lambda cluster: _checked(settings, enabled, rule(cluster, vmid, index), vmid),
-                              dry_run)
-        _report(settings, update, vmid, index, what, dry_run)
-        _follow(settings, vmid, enabled, update, dry_run)
-
-    return remove
-
-
-def _report(settings: Settings, update: SpecUpdate, vmid: int, index: int, what: str, dry_run: bool) -> None:
-    """What was declared (or would be), and the next step."""
-    entry = update.after.entry(vmid, index)
-    old = update.before.entry(vmid, index)
-    if not update.changed:
+    if not result.update.changed:
         click.echo(f"VM {vmid} net{index}: nothing to change")
-        return
-    if dry_run:
-        verb = "write this section to" if entry else "remove this section from"
-        click.echo(f"dry run: would {verb} {settings.spec_file}:")
-        click.echo(specfile.format_entry(entry or old), nl=False)
-        return
-    if entry:
-        click.echo(f"VM {vmid} net{index}: {what}: {describe(entry)}")
+    elif result.dry_run:
+        verb = "write this section to" if result.entry else "remove this section from"
+        click.echo(f"dry run: would {verb} {settings.vm_spec_file(vmid)}:")
+        click.echo(specfile.format_entry(result.entry or result.before), nl=False)
+    elif result.entry:
+        click.echo(f"VM {vmid} net{index}: {what}: {result.entry.describe()}")
     else:
-        click.echo(f"VM {vmid} net{index}: {what} from {settings.spec_file} (was: {describe(old)})")
-
-
-def describe(entry: spec.VhostNic | spec.TapQinQ) -> str:
-    """A short human summary of one entry."""
-    if isinstance(entry, spec.TapQinQ):
-        return f"QinQ on {entry.port_name}, {_vlan_text(spec.VlanPolicy(qinq=entry.qinq))}"
-    parts = [f"vhost-user on bridge {entry.bridge}", f"backend {entry.backend.value}", f"MAC {entry.mac}",
-             _vlan_text(entry.vlan)]
-    if entry.queues != 1:
-        parts.append(f"{entry.queues} queues")
-    if entry.mtu is not None:
-        parts.append(f"MTU {entry.mtu}")
-    return ", ".join(parts)
-
-
-def _vlan_text(vlan: spec.VlanPolicy) -> str:
-    if vlan.qinq:
-        text = f"S-tag {vlan.qinq.stag} ({vlan.qinq.ethertype.value})"
-        return text + (f" C-VLANs {spec.format_vlan_list(vlan.qinq.cvlans)}" if vlan.qinq.cvlans else "")
-    if vlan.tag is not None:
-        return f"VLAN tag {vlan.tag}"
-    if vlan.trunks:
-        return f"trunks {spec.format_vlan_list(vlan.trunks)}"
-    return "all VLANs"
+        click.echo(f"VM {vmid} net{index}: {what} from {settings.vm_spec_file(vmid)} (was: {result.before.describe()})")
+    if result.args is not None:
+        for line in args_lines(result.args, result.dry_run):
+            click.echo(line)
+    for line in result.lines:
+        click.echo(line)
 
 
 @click.group("nic")
@@ -191,30 +86,34 @@ def nic_group() -> None:
 @nic_group.command("add")
 @click.argument("vmid", type=int)
 @click.argument("nic")
-@click.option("--bridge", required=True, help="OVS bridge (datapath_type=netdev) the port goes on.")
-@_nic_options
+@_field_options(fields.vhost_fields())
+@_common
 @click.pass_obj
-def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, **options) -> None:
-    """Declare a vhost-user NIC netN (N must be free in the VM config)."""
-    change = _nic_change(options)
-    _declare(settings, vmid, nic, lambda c, v, i, config: declare.add_nic(c, v, i, change, config), "declared", dry_run)
+def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bool, **options) -> None:
+    """Declare a vhost-user NIC netN (N must be free in the VM config); --bridge is needed."""
+    _report(settings, declare.add_nic(settings, vmid, nic, _change(options), dry_run), "declared", as_json)
 
 
 @nic_group.command("set")
 @click.argument("vmid", type=int)
 @click.argument("nic")
-@click.option("--bridge", help="OVS bridge (datapath_type=netdev) the port goes on.")
+@_field_options(fields.vhost_fields())
 @click.option("--no-vlan", is_flag=True, help="Drop the VLAN mode: the port carries all VLANs.")
-@_nic_options
+@_common
 @click.pass_obj
-def nic_set(settings: Settings, vmid: int, nic: str, no_vlan: bool, dry_run: bool, **options) -> None:
+def nic_set(settings: Settings, vmid: int, nic: str, no_vlan: bool, dry_run: bool, as_json: bool, **options) -> None:
     """Change fields of a declared vhost-user NIC (--tag/--trunks/--qinq replace the VLAN mode)."""
-    change = _nic_change(options, no_vlan)
-    _declare(settings, vmid, nic, lambda c, v, i, config: declare.set_nic(c, v, i, change, config), "changed", dry_run)
+    _report(settings, declare.set_nic(settings, vmid, nic, _change(options, no_vlan), dry_run), "changed", as_json)
 
 
-nic_group.add_command(_remove_command(declare.remove_nic, "removed",
-                                      "Remove a declared vhost-user NIC (the VM need not exist any more)."))
+@nic_group.command("remove")
+@click.argument("vmid", type=int)
+@click.argument("nic")
+@_common
+@click.pass_obj
+def nic_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bool) -> None:
+    """Remove a declared vhost-user NIC (the VM need not exist any more)."""
+    _report(settings, declare.remove_nic(settings, vmid, nic, dry_run), "removed", as_json)
 
 
 @nic_group.command("list")
@@ -223,50 +122,13 @@ nic_group.add_command(_remove_command(declare.remove_nic, "removed",
 @click.pass_obj
 def nic_list(settings: Settings, vmid: int | None, as_json: bool) -> None:
     """List declared NICs (vhost-user and QinQ), of one VM or all."""
-    cluster = load_spec(settings)
-    entries = [e for e in (*cluster.nics, *cluster.tap_qinq) if vmid is None or e.vmid == vmid]
-    rows = [_row(settings, e) for e in sorted(entries, key=lambda e: e.key)]
+    entries = declare.list_nics(settings, vmid)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
+        click.echo(json.dumps([declare.entry_row(settings, e) for e in entries], indent=2))
+    elif not entries:
         click.echo("no NICs declared" + (f" for VM {vmid}" if vmid is not None else ""))
-        return
-    for entry in sorted(entries, key=lambda e: e.key):
-        click.echo(f"{entry.vmid} {entry.name}: {describe(entry)}")
-
-
-def _row(settings: Settings, entry: spec.VhostNic | spec.TapQinQ) -> dict:
-    """One `nic list --json` object; the same keys for both kinds."""
-    vlan = entry.vlan if isinstance(entry, spec.VhostNic) else spec.VlanPolicy(qinq=entry.qinq)
-    row = {
-        "vmid": entry.vmid, "nic": entry.name,
-        "kind": specfile.VHOST if isinstance(entry, spec.VhostNic) else specfile.QINQ,
-        "backend": None, "bridge": None, "mac": None,
-        "vlan_mode": vlan.mode or None, "tag": vlan.tag, "trunks": list(vlan.trunks),
-        "qinq": vlan.qinq.stag if vlan.qinq else None,
-        "cvlans": list(vlan.qinq.cvlans) if vlan.qinq else [],
-        "ethertype": vlan.qinq.ethertype.value if vlan.qinq else None,
-        "queues": None, "rx_queue_size": None, "tx_queue_size": None, "mtu": None,
-        "port": entry.port_name, "socket": None,
-    }
-    if isinstance(entry, spec.VhostNic):
-        row.update(backend=entry.backend.value, bridge=entry.bridge, mac=entry.mac, queues=entry.queues,
-                   rx_queue_size=entry.rx_queue_size, tx_queue_size=entry.tx_queue_size, mtu=entry.mtu,
-                   socket=str(settings.socket_dir(entry.backend.value) / entry.socket_name))
-    else:
-        row.update(_tap_facts(settings, entry))
-    return row
-
-
-def _tap_facts(settings: Settings, entry: spec.TapQinQ) -> dict:
-    """Bridge and MAC of a tap NIC, from its VM config (none when the VM is gone)."""
-    try:
-        config = find_vm(settings, entry.vmid).config
-    except NotFound:
-        return {}
-    device = net_devices(config.effective()).get(entry.index)
-    return {"bridge": device.bridge or None, "mac": device.mac or None} if device else {}
+    for entry in [] if as_json else entries:
+        click.echo(f"{entry.vmid} {entry.name}: {entry.describe()}")
 
 
 @click.group("qinq")
@@ -277,23 +139,39 @@ def qinq_group() -> None:
 @qinq_group.command("set")
 @click.argument("vmid", type=int)
 @click.argument("nic")
-@click.option("--qinq", "stag", type=int, required=True, metavar="STAG", help="Service VLAN (1-4094).")
-@click.option("--cvlans", metavar="LIST", help="Allowed customer VLANs, e.g. 10,20-30 (default: all).")
-@click.option("--ethertype", type=_ETHERTYPES, help="Outer tag type (default 802.1ad).")
-@click.option("--dry-run", is_flag=True, help="Print the section that would be written; write nothing.")
+@_field_options(fields.QINQ_FIELDS)
+@_common
 @click.pass_obj
-def qinq_set(settings: Settings, vmid: int, nic: str, stag: int, cvlans: str | None, ethertype: str | None,
-             dry_run: bool) -> None:
+def qinq_set(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bool, **options) -> None:
     """Declare QinQ for netN, a NIC in the VM config on an OVS bridge with tag=STAG.
 
     The tag makes Proxmox plug the tap as an access port of the S-VLAN until post-start
     turns it into a QinQ port: never a trunk of every VLAN.
     """
-    qinq = declare.qinq_policy(stag, cvlans, ethertype)
-    _declare(settings, vmid, nic, lambda c, v, i, config: declare.set_tap_qinq(c, v, i, qinq, config), "declared", dry_run)
+    given = {f.key: options[f.name] for f in fields.QINQ_FIELDS if options.get(f.name) is not None}
+    qinq = fields.qinq_of(fields.read_fields(given, fields.QINQ_FIELDS))
+    if qinq is None:
+        raise click.UsageError("missing --qinq STAG: give the service VLAN")
+    _report(settings, declare.set_tap_qinq(settings, vmid, nic, qinq, dry_run), "declared", as_json)
 
 
-qinq_group.add_command(_remove_command(declare.remove_tap_qinq, "QinQ removed",
-                                       "Remove the QinQ declared for Proxmox's tap NIC netN."))
+@qinq_group.command("remove")
+@click.argument("vmid", type=int)
+@click.argument("nic")
+@_common
+@click.pass_obj
+def qinq_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bool) -> None:
+    """Remove the QinQ declared for Proxmox's tap NIC netN."""
+    _report(settings, declare.remove_tap_qinq(settings, vmid, nic, dry_run), "QinQ removed", as_json)
 
-COMMANDS = [nic_group, qinq_group]
+
+@click.command("migrate-spec")
+@click.pass_obj
+def migrate_spec(settings: Settings) -> None:
+    """Split the single spec file of versions before 0.2 into one file per VM (run on upgrade)."""
+    moved = declare.migrate(settings)
+    click.echo(f"moved the declarations of {moved} VMs into {settings.spec_dir}" if moved
+               else "nothing to move: the declarations are in one file per VM")
+
+
+COMMANDS = [nic_group, qinq_group, migrate_spec]

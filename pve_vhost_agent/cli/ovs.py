@@ -6,9 +6,9 @@ import json
 
 import click
 
-from pve_vhost_agent.ovsstate import OWNS_PORT, port_report
+from pve_vhost_agent.model.ovs import OWNS_PORT
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.spec import check_vmid
+from pve_vhost_agent.model.spec import check_vmid
 
 
 @click.group("ovs")
@@ -22,11 +22,9 @@ def ovs_group() -> None:
 @click.pass_obj
 def status(settings: Settings, vmid: int, as_json: bool) -> None:
     """List VM VMID's vhost-user ports and QinQ taps with link, ofport and vhost-user state."""
-    from pve_vhost_agent.ovsdb import Ovsdb  # python3-openvswitch only for commands that use it
+    from pve_vhost_agent.flows.running import port_reports  # python3-openvswitch only for commands that use it
 
-    with Ovsdb.from_settings(settings) as db:
-        ports = db.snapshot().owned_ports(check_vmid(vmid))
-    reports = [port_report(p) for p in ports]
+    reports = port_reports(settings, check_vmid(vmid))
     if as_json:
         click.echo(json.dumps({"vmid": vmid, "ports": reports}, indent=2))
         return

@@ -18,14 +18,14 @@ from pve_vhost_agent.settings import Settings
 @click.pass_obj
 def service(settings: Settings, interval: float, once: bool, dry_run: bool) -> None:
     """Keep this node in step: args, QinQ on re-plugged taps, leftovers of gone VMs, status."""
-    from pve_vhost_agent import service as svc  # python3-openvswitch/systemd only when needed
+    from pve_vhost_agent.flows import service as svc  # python3-openvswitch/systemd only when needed
 
     if not dry_run:
         sys.exit(svc.run_service(settings, interval, once, echo=click.echo))
     with svc.Service(settings) as node:
         report = node.check()
     for action in report.plan.actions:
-        click.echo(f"would: {action!r}")
+        click.echo(f"would: {action.sentence()}")
     for problem in report.problems:
         click.echo(f"problem: {problem}", err=True)
     click.echo(report.line("dry run"))
@@ -37,7 +37,7 @@ def service(settings: Settings, interval: float, once: bool, dry_run: bool) -> N
 @click.pass_obj
 def status(settings: Settings, as_json: bool) -> None:
     """One line: the agent's VMs, ports and problems on this node (exit 1 or more on problems)."""
-    from pve_vhost_agent import service as svc
+    from pve_vhost_agent.flows import service as svc
 
     with svc.Service(settings) as node:
         report = node.check()

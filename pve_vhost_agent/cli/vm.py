@@ -8,11 +8,11 @@ import click
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.specstore import load_spec
-from pve_vhost_agent.vmargs import VmArgs, apply_vm_args, vm_args, vms_to_apply
+from pve_vhost_agent.flows import adopt as adopt_flow
+from pve_vhost_agent.flows.vmargs import VmArgs, apply_vms, vm_args
 
 
-def _as_dict(result: VmArgs) -> dict:
+def args_row(result: VmArgs) -> dict:
     sync, location = result.sync, result.location
     return {
         "vmid": location.vmid,
@@ -38,7 +38,7 @@ def show(settings: Settings, vmid: int, as_json: bool) -> None:
     """Show the args the agent plans for VM VMID, why, and whether the config has them."""
     result = vm_args(settings, vmid)
     if as_json:
-        click.echo(json.dumps(_as_dict(result), indent=2))
+        click.echo(json.dumps(args_row(result), indent=2))
         return
     sync = result.sync
     click.echo(f"VM {vmid} on node {result.location.node}"
@@ -65,36 +65,86 @@ def apply(settings: Settings, vmid: int | None, all_vms: bool, dry_run: bool) ->
     """Write the planned args into the VM config (pending for a running VM)."""
     if (vmid is None) == (not all_vms):
         raise click.UsageError("give either VMID or --all")
-    cluster = load_spec(settings)
-    vmids = vms_to_apply(settings, cluster) if all_vms else [vmid]
     failed: list[AgentError] = []
-    for one in vmids:
-        try:
-            result = vm_args(settings, one, cluster) if dry_run else apply_vm_args(settings, one, cluster)
-        except AgentError as err:
-            if not all_vms:
-                raise
-            click.echo(f"VM {one}: {err}", err=True)
-            failed.append(err)
+    for one, result in apply_vms(settings, None if all_vms else vmid, dry_run):
+        if isinstance(result, AgentError):
+            click.echo(f"VM {one}: {result}", err=True)
+            failed.append(result)
             continue
-        report_args(result, dry_run)
+        for line in args_lines(result, dry_run):
+            click.echo(line)
     if failed:
         raise SystemExit(int(failed[0].exit_code) if len(failed) == 1 else int(ExitCode.FAILURE))
 
 
-def report_args(result: VmArgs, dry_run: bool) -> None:
+def args_lines(result: VmArgs, dry_run: bool) -> list[str]:
+    """Where a VM's args stand after `apply` (or would, in a dry run), one line each."""
     sync, vmid = result.sync, result.location.vmid
     if sync.in_sync:
-        click.echo(f"VM {vmid}: args up to date")
-        return
+        return [f"VM {vmid}: args up to date"]
     where = "as a pending change" if sync.section == "pending" else "to the VM config"
     changes = "; ".join(sync.changes)
     if dry_run:
-        click.echo(f"VM {vmid}: dry run: would write args {where}: {sync.line_after or '(delete args)'} ({changes})")
-        return
-    click.echo(f"VM {vmid}: args written {where} ({changes})")
+        return [f"VM {vmid}: dry run: would write args {where}: {sync.line_after or '(delete args)'} ({changes})"]
+    lines = [f"VM {vmid}: args written {where} ({changes})"]
     if result.location.running:
-        click.echo(f"VM {vmid} is running: the new args take effect at its next start")
+        lines.append(f"VM {vmid} is running: the new args take effect at its next start")
+    return lines
 
 
-COMMANDS = [show, apply]
+
+
+@click.command("adopt")
+@click.argument("vmid", type=int, required=False)
+@click.option("--all", "all_vms", is_flag=True, help="Every VM of this node with hand-written vhost-user args.")
+@click.option("--bridge", default="vhostbr0", show_default=True,
+              help="OVS bridge of adopted NICs whose socket QEMU served (a hand-written line does not name it).")
+@click.option("--patched-qinq", is_flag=True,
+              help="Read NICs with tag + trunks as the patched Network.pm does: QinQ with S-tag = tag, C-VLANs = trunks.")
+@click.option("--dry-run", is_flag=True, help="Show the whole plan; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_obj
+def adopt(settings: Settings, vmid: int | None, all_vms: bool, bridge: str, patched_qinq: bool, dry_run: bool,
+          as_json: bool) -> None:
+    """Turn hand-written vhost-user args (the TNSR recipe) into declared NICs, keeping MACs and your other args."""
+    if (vmid is None) == (not all_vms):
+        raise click.UsageError("give either VMID or --all")
+    if all_vms:
+        results = adopt_flow.adopt_all(settings, bridge, patched_qinq, dry_run)
+    else:
+        results = [(vmid, adopt_flow.adopt(settings, vmid, bridge, patched_qinq, dry_run))]
+    rows, code = [], ExitCode.OK
+    for one, result in results:
+        if isinstance(result, AgentError):
+            rows.append({"vmid": one, "error": str(result)})
+            code = result.exit_code if code == ExitCode.OK else ExitCode.FAILURE
+            if not as_json:
+                click.echo(f"VM {one}: {result}", err=True)
+            continue
+        plan = result.plan
+        rows.append({"vmid": one, "nics": [n.name for n in plan.nics], "qinq": [q.name for q in plan.tap_qinq],
+                     "notes": list(plan.notes), "refusals": list(plan.refusals), "written": result.written,
+                     "args": result.config_after.effective().get("args") if result.config_after else None})
+        if plan.refusals:
+            code = ExitCode.CONFLICT if code == ExitCode.OK else ExitCode.FAILURE
+        if not as_json:
+            for line in _adopt_lines(result):
+                click.echo(line, err=bool(plan.refusals))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    raise SystemExit(int(code))
+
+
+def _adopt_lines(result) -> list[str]:
+    plan, vmid = result.plan, result.plan.vmid
+    if plan.refusals:
+        return [f"VM {vmid}: cannot adopt: {why}" for why in plan.refusals] + [f"VM {vmid}: nothing was written"]
+    verb = "dry run: would declare" if result.dry_run else "declared"
+    lines = [f"VM {vmid}: {verb} {note}" for note in plan.notes]
+    args = result.config_after.effective().get("args") or "(none)"
+    where = "would become" if result.dry_run else "is now"
+    lines.append(f"VM {vmid}: its args line {where}: {args}")
+    return lines
+
+
+COMMANDS = [show, apply, adopt]

@@ -47,6 +47,19 @@ sys.exit(main(sys.argv[1:], root={root!r}, node={node!r}, ovsdb={ovsdb!r}, down=
 """
 
 
+PACKAGE = TESTS_DIR.parent / "pve_vhost_agent"
+PACKAGE_FOLDER = "usr/lib/python3/dist-packages"  # where a Debian install puts it, under a root
+
+
+def link_package(root: Path) -> None:
+    """The checkout's package where the (isolated) hookscript looks for it under `root`,
+    as the installed package is under `/`."""
+    folder = root / PACKAGE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / PACKAGE.name).exists():
+        (folder / PACKAGE.name).symlink_to(PACKAGE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Node:
     name: str
@@ -109,6 +122,7 @@ class Cluster:
                        "/usr/libexec/qemu-server", "/usr/share/qemu-server"):
             node.path(folder).mkdir(parents=True, exist_ok=True)
         node.path("/var/run").symlink_to("../run")
+        link_package(node.root)
         for script, down in (("pve-bridge", False), ("pve-bridgedown", True)):
             path = node.path(f"/usr/libexec/qemu-server/{script}")
             path.write_text(_SCRIPT.format(name=script, node=name, tests=str(TESTS_DIR),

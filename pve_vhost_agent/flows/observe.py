@@ -1,0 +1,131 @@
+"""Observing this node for the service and `status`: files, locks, OVS, QEMU. Reads only.
+
+The order matters where a VM may be starting: its lock is probed before its pidfile, so
+a start that begins in between shows as "not running" and the service's apply step,
+which re-checks under the VM's lock, leaves it alone. Files come before Open vSwitch:
+what they declare says which rows of the switch the service replicates (`ovs_scope`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from pve_vhost_agent.adapters import pvefs, qemu, sockets
+from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb, Scope
+from pve_vhost_agent.adapters.specstore import load_spec
+from pve_vhost_agent.adapters.vmstore import held_vm_locks, local_vm_configs, vm_running
+from pve_vhost_agent.errors import AgentError, OvsUnavailable
+from pve_vhost_agent.model.names import socket_vmid
+from pve_vhost_agent.model.ovs import OvsState
+from pve_vhost_agent.model.spec import Backend, ClusterSpec
+from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
+from pve_vhost_agent.settings import Settings
+
+# How the service reads Open vSwitch: given the scope, a snapshot or why there is none.
+OvsReader = Callable[[Scope], "tuple[OvsState | None, Problem | None]"]
+
+
+@dataclasses.dataclass
+class Caches:
+    """What one pass keeps for the next: parsed files that did not change."""
+
+    specs: pvefs.ParsedFiles = dataclasses.field(default_factory=pvefs.ParsedFiles)
+    configs: pvefs.ParsedFiles = dataclasses.field(default_factory=pvefs.ParsedFiles)
+
+
+def observe_ovs(db: Ovsdb, scope: Scope) -> tuple[OvsState | None, Problem | None]:
+    """A current snapshot of `scope`, or why there is none (the caller closes `db` then)."""
+    try:
+        db.watch(scope)
+        state = db.snapshot()
+        if not db.live():
+            raise OvsUnavailable(f"lost the connection to OVSDB at {db.remote}", UNREACHABLE_FIX)
+        return state, None
+    except AgentError as err:
+        return None, Problem.of(err)
+
+
+def ovs_scope(spec: ClusterSpec | None, vms: tuple[LocalVm, ...]) -> Scope:
+    """The rows the service needs: every row the agent marked as its own (leftovers of any
+    VM), and the declared ports of this node's enabled VMs (a port gone, a tap re-plugged
+    without the agent's marks)."""
+    names = set()
+    for vm in vms:
+        if spec is not None and vm.enabled:
+            declared = spec.for_vm(vm.vmid)
+            names.update(nic.port_name for nic in declared.nics)
+            names.update(tap.port_name for tap in declared.tap_qinq)
+    return Scope(frozenset(names), owned=True, bridge_ports=True)
+
+
+def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None = None,
+                 remember: bool = True) -> NodeState:
+    """This node as the service plans for it; `remember=False` (status, dry runs) writes nothing."""
+    caches = caches or Caches()
+    problems = []
+    spec: ClusterSpec | None
+    try:
+        spec = load_spec(settings, caches.specs)
+    except AgentError as err:
+        spec, problems = None, [Problem.of(err)]
+    vms, unreadable = _local_vms(settings, caches)
+    problems += unreadable
+    ovs, ovs_problem = read_ovs(ovs_scope(spec, vms))
+    problems = ([ovs_problem] if ovs_problem else []) + problems
+    socket_names = ovs_sockets(settings)
+    owned = {p.vmid for p in ovs.owned_ports() if p.vmid is not None} if ovs else set()
+    local = {vm.vmid for vm in vms}
+    busy, running = set(), set()
+    try:
+        held = held_vm_locks(settings)
+    except AgentError as err:
+        held, problems = None, problems + [Problem.of(err)]
+    for vmid in sorted(local | owned | {socket_vmid(s) for s in socket_names}):
+        # Before the pidfile (see the module's doc); a lock that cannot be read: never touch it.
+        if held is None or held(vmid):
+            busy.add(vmid)
+        if vm_running(settings, vmid):
+            running.add(vmid)
+    version = None
+    if spec is not None and any(spec.for_vm(vm.vmid).nics for vm in vms if vm.enabled):
+        try:
+            version = qemu.installed_version(cache_dir=settings.run_dir, remember=remember)
+        except AgentError as err:
+            problems.append(Problem.of(err))
+    return NodeState(
+        vms=vms,
+        running=frozenset(running),
+        busy=frozenset(busy),
+        remote_nodes=_remote_nodes(settings, (owned | busy | running) - local),
+        spec=spec,
+        ovs=ovs,
+        ovs_sockets=socket_names,
+        socket_dirs=settings.socket_dirs(),
+        qemu_version=version,
+        problems=tuple(problems),
+    )
+
+
+def _local_vms(settings: Settings, caches: Caches) -> tuple[tuple[LocalVm, ...], list[Problem]]:
+    vms, problems = [], []
+    for vmid, config in local_vm_configs(settings, caches.configs):
+        if isinstance(config, AgentError):
+            problems.append(Problem.of(config, vmid))
+        else:
+            vms.append(LocalVm(vmid, config))
+    return tuple(vms), problems
+
+
+def _remote_nodes(settings: Settings, vmids: set[int]) -> dict[int, str]:
+    nodes = {}
+    for vmid in vmids:
+        found = sorted(settings.nodes_dir().glob(f"*/qemu-server/{vmid}.conf"))
+        if found:
+            nodes[vmid] = found[0].parent.parent.name
+    return nodes
+
+
+def ovs_sockets(settings: Settings) -> tuple[str, ...]:
+    """Names of the socket files QEMU serves (or left) in the `ovs` socket folder."""
+    return tuple(p.name for p in sockets.vm_sockets(settings.socket_dir(Backend.OVS.value)))

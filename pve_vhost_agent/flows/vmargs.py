@@ -1,0 +1,106 @@
+"""Plan and write a VM's args line: spec + VM config + installed QEMU (an edge).
+
+Shared by `show`, `apply`, the hook's pre-start check and the service: they differ only
+in whether they write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from pve_vhost_agent.adapters import qemu
+from pve_vhost_agent.formats import qemuargs
+from pve_vhost_agent.plan.args import plan_args
+from pve_vhost_agent.plan.argsync import ArgsSync, sync_args
+from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.model.spec import ClusterSpec, VmSpec
+from pve_vhost_agent.adapters.specstore import load_spec
+from pve_vhost_agent.formats.vmconfig import VmConfig
+from pve_vhost_agent.adapters.vmstore import VmLocation, find_vm, local_vm_configs, update_vm_config, vm_running
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VmArgs:
+    """A VM, its spec, and where its args stand."""
+
+    location: VmLocation
+    spec: VmSpec
+    sync: ArgsSync
+
+
+def qemu_version_for(settings: Settings, vm: VmSpec) -> tuple[int, int, int]:
+    """The installed QEMU's version, asked only when `vm`'s args depend on it. Commands ask
+    QEMU itself (hooks and the service keep the answer: see adapters/qemu)."""
+    return qemu.installed_version() if vm.nics else (0, 0, 0)
+
+
+def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool,
+             version: tuple[int, int, int] | None = None) -> ArgsSync:
+    """Plan `vm`'s args against `config` (pass `version` when calling under a lock)."""
+    version = qemu_version_for(settings, vm) if version is None else version
+    plan = plan_args(vm, config.effective(), version, settings.socket_dirs())
+    return sync_args(config, plan, running)
+
+
+def vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -> VmArgs:
+    """Where VM `vmid`'s args stand (raises NotFound, ConfigConflict, MemoryLayoutError)."""
+    cluster = load_spec(settings) if cluster is None else cluster
+    location = find_vm(settings, vmid)
+    vm = cluster.for_vm(vmid)
+    return VmArgs(location, vm, sync_for(settings, vm, location.config, bool(location.running)))
+
+
+def apply_vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -> VmArgs:
+    """Write the planned args under the VM lock (re-planned on the config read under it)."""
+    cluster = load_spec(settings) if cluster is None else cluster
+    first = vm_args(settings, vmid, cluster)  # refusals and no-ops touch nothing, not even the lock
+    if first.sync.in_sync:
+        return first
+    vm = first.spec
+    version = qemu_version_for(settings, vm)  # before the lock: nothing slow runs while it is held
+    result: list[ArgsSync] = []
+
+    def change(config: VmConfig) -> VmConfig:
+        sync = sync_for(settings, vm, config, vm_running(settings, vmid), version)
+        result.append(sync)
+        return sync.config_after
+
+    update = update_vm_config(settings, vmid, change)
+    if not update.changed and not result[-1].in_sync:
+        raise AgentError(
+            f"VM {vmid}: its args line is not as planned ({'; '.join(result[-1].changes)}) but writing the config "
+            "changes nothing",
+            f"this is a bug: report it with /etc/pve/qemu-server/{vmid}.conf",
+        )
+    if update.changed:
+        log.info("VM %s: args line written to the %s section", vmid, result[-1].section,
+                 extra={"vmid": vmid, "action": "WriteVmArgs", "result": "changed"})
+    return VmArgs(update.location, vm, result[-1])
+
+
+def vms_to_apply(settings: Settings, cluster: ClusterSpec) -> list[int]:
+    """This node's VMs that have a spec, or agent args left over from a removed spec (an
+    unreadable config is listed too, so that `apply --all` reports it)."""
+    return [vmid for vmid, config in local_vm_configs(settings)
+            if isinstance(config, AgentError) or cluster.for_vm(vmid)
+            or qemuargs.agent_args(config.effective().get("args", ""))]
+
+
+def apply_vms(settings: Settings, vmid: int | None, dry_run: bool) -> list[tuple[int, VmArgs | AgentError]]:
+    """`apply VMID` or, with None, every VM of this node that needs it (`apply --all`):
+    each VM's result or its error (one VM's problem never stops the others)."""
+    cluster = load_spec(settings)
+    vmids = vms_to_apply(settings, cluster) if vmid is None else [vmid]
+    results: list[tuple[int, VmArgs | AgentError]] = []
+    for one in vmids:
+        try:
+            results.append((one, vm_args(settings, one, cluster) if dry_run else apply_vm_args(settings, one, cluster)))
+        except AgentError as err:
+            if vmid is not None:
+                raise
+            results.append((one, err))
+    return results

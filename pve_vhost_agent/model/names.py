@@ -1,0 +1,113 @@
+"""Every name the agent makes or recognises, formatted and parsed in one place.
+
+A name made from a VM id and a NIC index (a socket file, an OVS port, Proxmox's tap, a
+spec section id) has one template here; its parser is derived from that template and
+accepts only what the template makes (no leading zeros, indexes 0-31), so formatting and
+parsing cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_NICS = 32  # Proxmox's net0 .. net31
+
+
+class VmNicName:
+    """A name built from `{vmid}` and `{index}` (or `{index}` alone)."""
+
+    def __init__(self, template: str):
+        self.template = template
+        pattern = re.escape(template)
+        for field in ("vmid", "index"):
+            pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>[0-9]+)")
+        self._pattern = re.compile(pattern)
+
+    def __call__(self, vmid: int | None = None, index: int = 0) -> str:
+        return self.template.format(vmid=vmid, index=index)
+
+    def parse(self, name: str) -> tuple[int | None, int] | None:
+        """(vmid, index) for a name this template makes; None for anything else."""
+        match = self._pattern.fullmatch(name)
+        if not match:
+            return None
+        fields = match.groupdict()
+        vmid = int(fields["vmid"]) if "vmid" in fields else None
+        index = int(fields["index"])
+        if index >= MAX_NICS or self(vmid, index) != name:
+            return None
+        return vmid, index
+
+
+SOCKET = VmNicName("vm-{vmid}-{index}.sock")  # vhost-user socket file, as in the TNSR recipe
+VHOST_PORT = VmNicName("vhu{vmid}i{index}")  # the agent's OVS port (and interface), like Proxmox's taps
+TAP = VmNicName("tap{vmid}i{index}")  # Proxmox's tap device of netN (pve-common)
+SECTION = VmNicName("{vmid}-net{index}")  # a spec file section id
+NIC = VmNicName("net{index}")  # a NIC key of a VM config
+ARGS_NIC_ID = VmNicName("vhu-net{index}")  # id of the chardev, netdev and device of a vhost-user NIC
+
+ARGS_PREFIX = "vhu-"  # every id or reference in args starting with this is the agent's
+ARGS_MEMORY_ID = "vhu-mem"  # the shared guest memory backend
+
+# Guest-side devices Proxmox makes (VM taps, container veths, firewall links): never uplinks.
+_GUEST_DEVICE = re.compile(r"(tap|veth|fwln|fwpr)[0-9]+[iop][0-9]+")
+
+HOOK_NAME = "pve-vhost-agent"  # the hookscript's file name in a storage's snippets/
+
+
+def socket_name(vmid: int, index: int) -> str:
+    return SOCKET(vmid, index)
+
+
+def socket_vmid(name: str) -> int | None:
+    """The VM whose NIC socket `name` is (None for any name `socket_name` does not make)."""
+    parsed = SOCKET.parse(name)
+    return parsed[0] if parsed else None
+
+
+def vhost_port(vmid: int, index: int) -> str:
+    return VHOST_PORT(vmid, index)
+
+
+def tap_device(vmid: int, index: int) -> str:
+    return TAP(vmid, index)
+
+
+def nic_name(index: int) -> str:
+    return NIC(None, index)
+
+
+def nic_index(name: str) -> int | None:
+    """`net3` -> 3; None for anything that is not net0 .. net31."""
+    parsed = NIC.parse(name)
+    return parsed[1] if parsed else None
+
+
+def args_nic_id(index: int) -> str:
+    return ARGS_NIC_ID(None, index)
+
+
+def args_nic_index(ident: str) -> int | None:
+    """`vhu-net3` -> 3; None for any other id."""
+    parsed = ARGS_NIC_ID.parse(ident)
+    return parsed[1] if parsed else None
+
+
+def is_guest_device(name: str) -> bool:
+    """A device Proxmox made for a guest (tap, veth, firewall link), never a host uplink."""
+    return bool(_GUEST_DEVICE.fullmatch(name))
+
+
+def hook_volume(storage: str) -> str:
+    """The agent's hookscript as a VM config names it (`<storage>:snippets/<file>`)."""
+    return f"{storage}:snippets/{HOOK_NAME}"
+
+
+def is_agent_hook(value: str | None) -> bool:
+    """True for a `hookscript:` value naming the agent's hookscript, on any storage."""
+    return bool(value) and value.split(":", 1)[-1] == f"snippets/{HOOK_NAME}"
+
+
+def vm_port_names(vmid: int) -> tuple[str, ...]:
+    """Every OVS port name that can be the VM's: its vhost-user ports and Proxmox's taps."""
+    return tuple(VHOST_PORT(vmid, i) for i in range(MAX_NICS)) + tuple(TAP(vmid, i) for i in range(MAX_NICS))

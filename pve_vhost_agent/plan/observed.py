@@ -1,0 +1,74 @@
+"""What the service observed of this node, as values: its VMs, locks, OVS, QEMU, problems.
+
+Values only (flows/observe.py reads them, plan/node.py decides on them). A part that
+could not be read is None, and a Problem says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+from pve_vhost_agent.errors import AgentError, ExitCode
+from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
+from pve_vhost_agent.model.names import is_agent_hook
+from pve_vhost_agent.model.ovs import OvsState
+from pve_vhost_agent.model.spec import Backend, ClusterSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Something the service cannot fix by itself: one line, problem and fix."""
+
+    vmid: int | None
+    message: str
+    exit_code: int = int(ExitCode.FAILURE)
+
+    @classmethod
+    def of(cls, err: AgentError, vmid: int | None = None) -> "Problem":
+        return cls(vmid, str(err), int(err.exit_code))
+
+    def __str__(self) -> str:
+        if self.vmid is None or f"VM {self.vmid}" in self.message:
+            return self.message
+        return f"VM {self.vmid}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalVm:
+    """A VM whose config lives in this node's folder."""
+
+    vmid: int
+    config: VmConfig
+
+    @property
+    def enabled(self) -> bool:
+        """The agent's hookscript is set: the agent keeps its args and ports."""
+        return is_agent_hook(self.config.section(MAIN).get("hookscript"))
+
+    @property
+    def proxmox_lock(self) -> str:
+        """`lock:` of the config (backup, snapshot, ...): Proxmox refuses config writes then."""
+        return self.config.section(MAIN).get("lock", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeState:
+    """One observation of this node. `spec`, `ovs` or `qemu_version` is None when it could
+    not be read; `problems` then says why."""
+
+    vms: tuple[LocalVm, ...] = ()
+    running: frozenset[int] = frozenset()  # QEMU runs here (pidfile of a live process)
+    busy: frozenset[int] = frozenset()  # Proxmox's VM lock is held
+    remote_nodes: Mapping[int, str] = dataclasses.field(default_factory=dict)  # VMs living elsewhere
+    spec: ClusterSpec | None = ClusterSpec()
+    ovs: OvsState | None = None
+    ovs_sockets: tuple[str, ...] = ()  # socket file names in the `ovs` socket folder
+    socket_dirs: Mapping[Backend, Path] = dataclasses.field(default_factory=dict)
+    qemu_version: tuple[int, int, int] | None = None
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def enabled_vms(self) -> tuple[LocalVm, ...]:
+        return tuple(vm for vm in self.vms if vm.enabled)
