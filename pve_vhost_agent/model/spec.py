@@ -272,7 +272,8 @@ class ClusterSpec:
         return sorted({e.vmid for e in (*self.nics, *self.tap_qinq)})
 
     def for_vm(self, vmid: int) -> VmSpec:
-        return self._by_vm.get(vmid) or VmSpec(vmid)
+        found = self._by_vm.get(vmid)  # not `or`: a VM with only a chained hook is a falsy VmSpec
+        return found if found is not None else VmSpec(vmid)
 
     def with_hook(self, vmid: int, hookscript: str | None) -> "ClusterSpec":
         """A copy where VM `vmid` chains `hookscript` (None: chains nothing)."""
