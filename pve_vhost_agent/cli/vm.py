@@ -6,6 +6,7 @@ import json
 
 import click
 
+from pve_vhost_agent.cli.common import VMID
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.flows.vmargs import VmArgs, apply_vms, vm_args
@@ -30,7 +31,7 @@ def args_row(result: VmArgs) -> dict:
 
 
 @click.command("show")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def show(settings: Settings, vmid: int, as_json: bool) -> None:
@@ -56,7 +57,7 @@ def show(settings: Settings, vmid: int, as_json: bool) -> None:
 
 
 @click.command("apply")
-@click.argument("vmid", type=int, required=False)
+@click.argument("vmid", type=VMID, required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of this node with a spec (or left-over agent args).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
 @click.pass_obj

@@ -14,6 +14,7 @@ from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import ArgsSync, sync_args
 from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.flows.bug import unexpected
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import Backend, ClusterSpec, VmSpec
 from pve_vhost_agent.adapters.specstore import load_spec
@@ -103,4 +104,8 @@ def apply_vms(settings: Settings, vmid: int | None, dry_run: bool) -> list[tuple
             if vmid is not None:
                 raise
             results.append((one, err))
+        except Exception as err:  # noqa: BLE001 - a bug with one VM must not stop the others
+            if vmid is not None:
+                raise
+            results.append((one, unexpected(err)))
     return results
