@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound
+from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.errors import ConfigConflict, NotFound
 from pve_vhost_agent.formats.storagecfg import DEFAULT_LOCAL_PATH, parse_storage_paths
 from pve_vhost_agent.settings import Settings
 
@@ -12,12 +13,8 @@ from pve_vhost_agent.settings import Settings
 def storage_path(settings: Settings, storage: str) -> Path:
     """The folder of a file-based storage (under the settings' root)."""
     cfg = settings.pve_dir / "storage.cfg"
-    try:
-        paths = parse_storage_paths(cfg.read_text())
-    except FileNotFoundError:
-        paths = {}
-    except OSError as err:
-        raise AgentError(f"cannot read {cfg}: {err.strerror}", "check /etc/pve (is pve-cluster running?)") from err
+    text = pvefs.read_text(cfg)  # any byte: one that is not UTF-8 stays what it is, as Proxmox reads it
+    paths = parse_storage_paths(text) if text is not None else {}
     if storage not in paths:
         if storage == "local":
             return settings.host_path(DEFAULT_LOCAL_PATH)
