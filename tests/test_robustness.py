@@ -324,3 +324,69 @@ def test_a_spec_file_that_is_a_symbolic_link_is_not_replaced(node):
     one_line_error(node.cli("nic", "remove", "100", "net1"), ExitCode.CONFLICT, "is a symbolic link")
     assert spec.is_symlink() and node.snapshot() == before
     assert node.cli("nic", "list", "100").stdout.startswith("100 net1: ")  # reading through it still works
+
+
+# --- spec and args change together or not at all ------------------------------------------------
+
+def _spec_bytes(root) -> dict:
+    folder = root.spec_file(100).parent
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+LOCKED_OR_FULL = [
+    ("nic add", ("nic", "add", "100", "net2", "--bridge", "brv")),
+    ("nic set", ("nic", "set", "100", "net1", "--queues", "2")),
+    ("nic remove", ("nic", "remove", "100", "net1")),
+]
+
+
+@pytest.mark.parametrize("argv", [c[1] for c in LOCKED_OR_FULL], ids=[c[0] for c in LOCKED_OR_FULL])
+def test_a_vm_locked_by_a_backup_gets_neither_spec_nor_args_and_the_retry_works(node, argv):
+    # The spec was written, the args were not, and the retry said "already declared".
+    path = node.vm_path(100)
+    unlocked = path.read_text()
+    path.write_text(unlocked + "lock: backup\n")
+    before = node.snapshot()
+    one_line_error(node.cli(*argv), ExitCode.CONFLICT, "VM 100 is locked by Proxmox (backup)")
+    assert node.snapshot() == before
+    path.write_text(unlocked)  # the backup ended
+    retry = node.cli(*argv)
+    assert retry.returncode == 0, retry.stderr
+    assert node.cli("show", "100").stdout.count("the VM config has exactly these args") == 1
+
+
+def test_a_config_the_new_args_would_push_over_pmxcfs_limit_gets_neither(node):
+    path = node.vm_path(100)
+    room = 1024 * 1024 - 100 - path.stat().st_size  # net2's args need some 250 bytes more
+    lines, rest = divmod(room, 100)
+    path.write_text("".join(f"#{'x' * 98}\n" for _ in range(lines)) + f"#{'x' * (rest - 2)}\n" + path.read_text())
+    assert 1024 * 1024 - path.stat().st_size == 100
+    before = node.snapshot()
+    one_line_error(node.cli("nic", "add", "100", "net2", "--bridge", "brv", "--queues", "4"), ExitCode.CONFLICT,
+                   "over pmxcfs's 1 MiB limit")
+    assert node.snapshot() == before
+
+
+def test_args_that_cannot_be_written_take_the_declaration_back(node):
+    # Proxmox's VM lock held (a `qm` task) when the args are written, after the spec was.
+    from pve_vhost_agent.errors import VmBusy
+    from pve_vhost_agent.flows import declare
+    from pve_vhost_agent.model.fields import NicChange
+
+    settings = node.settings(lock_timeout=0.3)
+    lock = settings.vm_lock(100)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(["/usr/bin/python3", "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = node.snapshot()
+        with pytest.raises(VmBusy, match=r"nothing was changed: the declaration was taken back"):
+            declare.add_nic(settings, 100, "net2", NicChange({"bridge": "brv"}), False)
+        assert node.snapshot() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert node.cli("nic", "add", "100", "net2", "--bridge", "brv").returncode == 0
+    assert "net2" in node.cli("show", "100").stdout
