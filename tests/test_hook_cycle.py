@@ -235,6 +235,34 @@ def test_a_failing_chained_hookscript_aborts_the_start_and_undoes_pre_start(harn
 
 
 
+BROKEN_CHAINED = [
+    ("gone", lambda path: path.unlink(), "is missing"),
+    ("not executable", lambda path: path.chmod(0o644), "is not executable"),
+    ("without a #! line", lambda path: path.write_text("echo old hook\n"), "has no `#!` line"),
+]
+
+
+@pytest.mark.parametrize("breaks, words", [b[1:] for b in BROKEN_CHAINED], ids=[b[0] for b in BROKEN_CHAINED])
+def test_a_chained_hookscript_that_cannot_run_aborts_the_start_and_undoes_pre_start(harness, breaks, words):
+    # pre-start aborted but left the OVS port it had made.
+    h = harness
+    old = h.node.path("/var/lib/vz/snippets/old-hook.sh")
+    old.write_text("#!/bin/sh\necho old hook\n")
+    old.chmod(0o755)
+    h.write_vm()
+    path = h.node.vm_conf(h.vmid)
+    path.write_text(path.read_text() + "hookscript: local:snippets/old-hook.sh\n")
+    h.cli("nic", "add", str(h.vmid), "net1", "--bridge", h.vhost_bridge)
+    h.cli("enable", str(h.vmid))
+    breaks(old)
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(h.vmid)
+    task = caught.value.task.text
+    assert "start aborted by the chained hookscript local:snippets/old-hook.sh" in task and words in task, task
+    assert "Traceback" not in task
+    assert h.owned_ports() == []
+
+
 # --- QinQ on the tap must hold, or the VM does not start -----------------------------------
 
 CANNOT_HOLD = [

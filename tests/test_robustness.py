@@ -390,3 +390,47 @@ def test_args_that_cannot_be_written_take_the_declaration_back(node):
         holder.wait()
     assert node.cli("nic", "add", "100", "net2", "--bridge", "brv").returncode == 0
     assert "net2" in node.cli("show", "100").stdout
+
+
+# --- folders and trust ------------------------------------------------------------------------
+
+def test_folders_made_under_umask_000_are_0755(pve_root):
+    pve_root.write_vm(100, ROUTER)
+    argv = ["/usr/bin/python3", "-m", "pve_vhost_agent", "--root", str(pve_root.root), "--node", "pve1"]
+    for args in (("nic", "add", "100", "net1", "--bridge", "brv", "--backend", "external"), ("enable", "100")):
+        result = subprocess.run(argv + list(args), cwd=REPO, capture_output=True, text=True, timeout=60, umask=0)
+        assert result.returncode == 0, result.stderr
+    made = [pve_root.root / "var/lib/vz/snippets", pve_root.root / "run/pve-vhost-agent",
+            pve_root.root / "run/pve-vhost-agent/external"]
+    assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in made} == {str(p): 0o755 for p in made}
+
+
+def test_a_world_writable_socket_folder_is_refused_at_enable_and_at_pre_start(pve_root):
+    pve_root.write_vm(100, ROUTER)
+    assert pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv").returncode == 0
+    folder = pve_root.root / "run/pve-vhost-agent/ovs"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    before = pve_root.snapshot()
+    one_line_error(pve_root.cli("enable", "100"), ExitCode.CONFLICT, "is writable by others (mode 0777)")
+    assert pve_root.snapshot() == before  # nothing installed, nothing set
+    folder.chmod(0o755)
+    assert pve_root.cli("enable", "100").returncode == 0
+    folder.chmod(0o777)  # someone opened it up since
+    result = hook(pve_root, "100", "pre-start")
+    assert result.returncode == ExitCode.CONFLICT and "is writable by others" in result.stdout
+    assert TRACEBACK not in result.stdout + result.stderr
+
+
+def test_enable_of_another_nodes_vm_installs_nothing(pve_root):
+    pve_root.write_vm(200, ROUTER, node="pve2")
+    before = pve_root.snapshot()
+    one_line_error(pve_root.cli("enable", "200"), ExitCode.CONFLICT, "VM 200 lives on node pve2; run this on pve2")
+    assert pve_root.snapshot() == before
+
+
+@pytest.mark.parametrize("source", ["../x", "pve2/../../etc", "a b", "-pve2", "x" * 64])
+def test_a_migration_source_that_is_not_a_node_name_is_refused(node, source):
+    result = hook(node, "100", "pre-start", PVE_MIGRATED_FROM=source)
+    assert result.returncode == ExitCode.USAGE and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "PVE_MIGRATED_FROM" in result.stderr and "is not a Proxmox node name" in result.stderr
