@@ -434,3 +434,376 @@ def test_a_migration_source_that_is_not_a_node_name_is_refused(node, source):
     result = hook(node, "100", "pre-start", PVE_MIGRATED_FROM=source)
     assert result.returncode == ExitCode.USAGE and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "PVE_MIGRATED_FROM" in result.stderr and "is not a Proxmox node name" in result.stderr
+
+
+# --- generated inputs (hypothesis, bounded) ------------------------------------------------------
+
+from pve_vhost_agent.formats import qemuargs  # noqa: E402
+from pve_vhost_agent.formats.specfile import format_spec, parse_spec  # noqa: E402
+from pve_vhost_agent.formats.storagecfg import parse_storage_paths  # noqa: E402
+from pve_vhost_agent.formats.vmconfig import VmConfig  # noqa: E402
+from pve_vhost_agent.plan.args import ArgsPlan, plan_args  # noqa: E402
+from pve_vhost_agent.plan.argsync import sync_args  # noqa: E402
+from pve_vhost_agent.plan.node import plan_node  # noqa: E402
+from pve_vhost_agent.plan.observed import LocalVm, NodeState  # noqa: E402
+from pve_vhost_agent.model.spec import ClusterSpec, VmSpec  # noqa: E402
+
+from builders import SOCKET_DIRS, nic as vhost_nic  # noqa: E402
+
+FUZZ = hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# What makes Proxmox's split, QEMU's option syntax and the config file format trip.
+_ARGS_WORDS = st.sampled_from([
+    "-device", "-object", "-machine", "-netdev", "-chardev", "-numa", "-m", "--device", "-smbios", "\\", "\\ ", "'",
+    '"', "'a b'", '"a\\"b"', "id=vhu-net1", "id=vhu-mem", "memory-backend=vhu-mem", "netdev=vhu-net3",
+    "virtio-net-pci,id=vhu-net1", "memory-backend-memfd,id=vhu-mem,size=1024M,share=on", "e1000,addr=0x13",
+    "type=1,serial=x", "{\"id\":\"vhu-net2\"}", " ", "\t", "\r", "\x0b", "\x0c", "\x1b", "\x1c", "\x7f", "\x85",
+    "\xa0", "\udcff", "²", "vhu-", ",,", "=", "#", "0",
+])
+ARGS_LINES = st.lists(st.one_of(_ARGS_WORDS, st.text(max_size=6)), max_size=12).map("".join)
+VM_WITH_NICS = VmSpec(100, (vhost_nic(1), vhost_nic(3)))
+
+
+def _only_agent_errors(call):
+    """`call()`, or None when it refused with the agent's error (anything else fails the test)."""
+    try:
+        return call()
+    except AgentError:
+        return None
+
+
+def _user_words(line: str) -> list[str]:
+    tokens = qemuargs.split_args(line)
+    owned = qemuargs._owned_indices(tokens)
+    return [t.text for i, t in enumerate(tokens) if i not in owned]
+
+
+@FUZZ
+@given(line=ARGS_LINES, running=st.booleans(), with_nics=st.booleans())
+def test_any_args_line_is_refused_or_written_so_it_reads_back_as_planned(line, running, with_nics):
+    config = VmConfig.parse(f"balloon: 0\nmemory: 1024\nargs: {line}\n")
+    vm = VM_WITH_NICS if with_nics else VmSpec(100)
+    plan = _only_agent_errors(lambda: plan_args(vm, config.effective(), (9, 2, 0), SOCKET_DIRS))
+    sync = plan and _only_agent_errors(lambda: sync_args(config, plan, running))
+    if not sync or sync.in_sync:
+        return
+    after = VmConfig.parse(sync.config_after.text)  # as the next reader sees the file
+    written = after.effective().get("args", "")
+    assert qemuargs.agent_args(written) == plan.args  # the agent's words once, whole, last
+    before = config.effective().get("args", "")
+    assert _user_words(written) == _user_words(before)  # every word of the user's kept, in order
+
+
+SPEC_LINES = st.lists(st.one_of(
+    st.sampled_from(["vhostuser: 100-net1", "vhostuser: 100-net2", "qinq: 100-net0", "vm: 100", "vhostuser: 1-net99",
+                     "\tbridge brv", "\tmac 02:00:00:00:00:01", "\tmac 02:00:00:00:00:02", "\ttag 10", "\ttag ²",
+                     "\ttrunks 1-4094", "\tqinq 5", "\tcvlans 10,20-22", "\tethertype 802.1q", "\tqueues 64",
+                     "\tmtu 9710", "\tbackend external", "\tchain-hookscript local:snippets/a.sh", "", "#x", " ",
+                     "\t", "\tbridge", "vhostuser:", "\ttag 4095", "\tqinq 0"]),
+    st.text(max_size=12)), max_size=16).map("\n".join)
+
+
+@FUZZ
+@given(text=SPEC_LINES)
+def test_any_spec_file_is_a_bad_spec_with_its_line_or_reads_back_the_same(text):
+    try:
+        spec = parse_spec(text, "100.cfg")
+    except AgentError as err:
+        assert err.exit_code == ExitCode.BAD_SPEC and "\n" not in str(err) and str(err).startswith("100.cfg")
+        return
+    assert parse_spec(format_spec(spec)) == spec
+
+
+CONFIG_LINES = st.lists(st.one_of(
+    st.sampled_from(["memory: 0", "memory: 2048", "memory: ²", "memory: " + "9" * 5000, "balloon: 0", "balloon: 1",
+                     "numa: 1", "hugepages: 2", "hotplug: memory", "virtiofs0: x", "template: 1", "lock: backup",
+                     "net1: virtio=02:00:00:00:00:01,bridge=vmbr0", "net3: e1000=XX", "net99: virtio", "[PENDING]",
+                     "delete: args", "[snap]", "vmstate: x", "machine: q35", "args: -numa node", "args: -device",
+                     "args: '", "hookscript: local:snippets/pve-vhost-agent", "", "#description"]),
+    st.builds("args: {}".format, ARGS_LINES), st.text(max_size=20)), max_size=12).map(
+    lambda lines: "balloon: 0\nmemory: 1024\n" + "\n".join(lines))  # a VM the agent serves, then anything
+
+
+@FUZZ
+@given(text=CONFIG_LINES, running=st.booleans())
+def test_any_vm_config_parses_back_byte_for_byte_and_is_planned_or_that_vms_problem(text, running):
+    config = VmConfig.parse(text)
+    assert config.text == text
+    enabled = config.with_value("hookscript", "local:snippets/pve-vhost-agent")
+    state = NodeState(vms=(LocalVm(100, enabled), LocalVm(101, VmConfig.parse(ENABLED))),
+                      running=frozenset({100} if running else ()),
+                      spec=ClusterSpec((vhost_nic(1), vhost_nic(2, vmid=101))),
+                      socket_dirs=SOCKET_DIRS, qemu_version=(9, 2, 0))
+    plan = plan_node(state)
+    assert not any(BUG in str(p) for p in plan.problems), plan.problems
+    assert all(p.vmid == 100 for p in plan.problems)  # one VM's config is that VM's problem
+    assert any(getattr(a, "vmid", None) == 101 for a in plan.actions)  # and the other VM is still served
+
+
+@FUZZ
+@given(data=st.binary(max_size=200) | st.lists(st.sampled_from(
+    [b"dir: local", b"\tpath /var/lib/vz", b"nfs: \xff", b"\tpath \xe9", b"lvm: x", b"\t", b"path /x", b""]),
+    max_size=8).map(b"\n".join))
+def test_any_storage_cfg_bytes_are_read(data):
+    paths = parse_storage_paths(data.decode("utf-8", "surrogateescape"))
+    assert all(isinstance(k, str) for k in paths)
+
+
+NASTY = st.one_of(st.sampled_from([
+    "", " ", "-", "--", "0", "1", "100", "101", "4095", "²", "١٠٠", "1_00", "+1", "-1", "9" * 30, "1e3", "nan",
+    "net0", "net1", "net31", "net32", "net" + "1" * 30, "eth0", "br0", "br 0", "br,id=x", "b" * 16,
+    "02:00:00:00:00:09", "03:00:00:00:00:01", "00:00:00:00:00:00", "10,20-22", "20-10", "1;2", ",,", "802.1q",
+    "ovs", "external", "local", "../x", "unix:/x", "ssl:x:1", "\udcff", "a\nb", "a\rb", "\x1b[2J", "--help",
+]), st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8))
+
+
+def _or_nasty(*valid: str) -> st.SearchStrategy:
+    """Mostly values a user means, sometimes a hostile one."""
+    return st.one_of(st.sampled_from(valid), st.sampled_from(valid), NASTY)
+
+
+_VMID, _NIC = _or_nasty("100", "101", "200", "999"), _or_nasty("net0", "net1", "net2", "net5", "net31")
+_VALUES = {
+    "--bridge": _or_nasty("brv", "br-dpdk", "vmbr0"), "--mac": _or_nasty("02:00:00:00:00:09", "BC:24:11:00:00:02"),
+    "--backend": _or_nasty("ovs", "external"), "--tag": _or_nasty("5", "10", "4094"),
+    "--trunks": _or_nasty("10,20-22", "1-4094"), "--qinq": _or_nasty("5", "950"), "--cvlans": _or_nasty("10", "1-5"),
+    "--ethertype": _or_nasty("802.1q", "802.1ad"), "--queues": _or_nasty("1", "4", "64"),
+    "--rx-queue-size": _or_nasty("256", "1024"), "--tx-queue-size": _or_nasty("512"), "--mtu": _or_nasty("1500", "9000"),
+    "--storage": _or_nasty("local", "nosuch"),
+}
+_FLAGS = ("--dry-run", "--json", "--no-vlan", "--all")
+
+
+def _options(*names: str) -> st.SearchStrategy:
+    one = st.sampled_from(names).flatmap(
+        lambda name: st.just([name]) if name in _FLAGS else _VALUES[name].map(lambda value: [name, value]))
+    return st.lists(one, max_size=3).map(lambda parts: [w for part in parts for w in part])
+
+
+_VHOST = ("--bridge", "--mac", "--backend", "--tag", "--trunks", "--qinq", "--cvlans", "--ethertype", "--queues",
+          "--rx-queue-size", "--tx-queue-size", "--mtu", "--dry-run", "--json")
+
+
+def _command(words: list[str], *parts: st.SearchStrategy) -> st.SearchStrategy:
+    return st.tuples(*parts).map(lambda got: words + [w for part in got for w in (part if isinstance(part, list) else [part])])
+
+
+ARGVS = st.one_of(
+    _command(["nic", "add"], _VMID, _NIC, _options(*_VHOST)),
+    _command(["nic", "set"], _VMID, _NIC, _options(*_VHOST, "--no-vlan")),
+    _command(["nic", "remove"], _VMID, _NIC, _options("--dry-run", "--json")),
+    _command(["nic", "list"], st.lists(_VMID, max_size=1), _options("--json")),
+    _command(["qinq", "set"], _VMID, _NIC, _VALUES["--qinq"].map(lambda v: ["--qinq", v]),
+             _options("--cvlans", "--ethertype", "--dry-run")),
+    _command(["qinq", "remove"], _VMID, _NIC, _options("--dry-run")),
+    _command(["show"], _VMID, _options("--json")),
+    _command(["apply"], st.lists(_VMID, max_size=1), _options("--all", "--dry-run")),
+    _command(["enable"], _VMID, _options("--storage", "--dry-run")),
+    _command(["disable"], _VMID, _options("--dry-run")),
+    _command(["ovs", "status"], _VMID, _options("--json")),
+    _command(["install-hook"], _options("--storage", "--dry-run")),
+    st.sampled_from([["status"], ["status", "--json"], ["migrate-spec"], ["nic"], ["frob"]]),
+    st.lists(NASTY, max_size=4),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory):
+    """One node for the generated command lines (they may change it: every state is a fair start)."""
+    from fixtures.pveroot import PveRoot
+
+    root = tmp_path_factory.mktemp("fuzz-root")
+    (root / "etc/pve/nodes/pve1/qemu-server").mkdir(parents=True)
+    (root / "etc/pve/priv/lock").mkdir(parents=True)
+    pve = PveRoot(root)
+    pve.write_vm(100, ENABLED)
+    pve.write_vm(101, ROUTER + "net2: virtio=BC:24:11:00:00:02,bridge=vmbr0,tag=5\n")
+    assert pve.cli("nic", "add", "100", "net1", "--bridge", "brv").returncode == 0
+    assert pve.cli("apply", "100").returncode == 0
+    return pve
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(argv=ARGVS)
+def test_any_command_line_ends_in_a_result_or_one_line_never_a_bug(fuzz_root, argv):
+    from pve_vhost_agent.cli import common, main
+
+    full = ["--root", str(fuzz_root.root), "--ovsdb", f"unix:{fuzz_root.root}/no-ovsdb.sock", "--node", "pve1", *argv]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = common.call(main.main, full)
+    assert isinstance(code, int) and 0 <= code <= 130, code
+    assert BUG not in err.getvalue() and TRACEBACK not in err.getvalue(), (argv, err.getvalue())
+    if code not in (0, 130) and argv[-1:] != ["--all"] and "status" not in argv:
+        assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("pve-vhost-agent: "), (argv, err.getvalue())
+    assert not fuzz_root.settings().cluster_lock_dir.exists()
+
+
+ENV_VALUES = st.one_of(st.none(), NASTY, st.sampled_from(["pve1", "pve2", "unix:/nonexistent/db.sock", "/", "x/y"]))
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(vmid=st.one_of(st.sampled_from(["100", "101", "999"]), NASTY),
+       phase=st.one_of(st.sampled_from(["pre-start", "post-start", "pre-stop", "post-stop"]), NASTY),
+       migrated=ENV_VALUES, ovsdb=ENV_VALUES, node=ENV_VALUES, extra=st.lists(NASTY, max_size=1))
+def test_any_hook_call_and_environment_ends_in_an_exit_code_and_one_line(fuzz_root, vmid, phase, migrated, ovsdb,
+                                                                           node, extra):
+    import logging
+
+    from pve_vhost_agent.cli import hookscript
+
+    env = {"PVE_VHOST_AGENT_ROOT": str(fuzz_root.root), "PVE_MIGRATED_FROM": migrated,
+           "PVE_VHOST_AGENT_OVSDB": ovsdb, "PVE_VHOST_AGENT_NODE": node}
+    env = {key: value for key, value in env.items() if value is not None}
+    handlers = list(logging.getLogger().handlers)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = hookscript.main([vmid, phase, *extra], env)
+    finally:
+        logging.getLogger().handlers[:] = handlers  # a hook sets up its own logging
+    assert isinstance(code, int) and 0 <= code <= 9
+    assert BUG not in err.getvalue() + out.getvalue() and TRACEBACK not in err.getvalue()
+    assert err.getvalue().count("\n") <= 1
+
+
+# --- writers killed at any point, writers in parallel ------------------------------------------
+
+# A writer that SIGKILLs itself at the n-th call of one file-system step, then the CLI.
+KILLED_AT = """
+import os, signal, sys
+step, nth, count = sys.argv[1], int(sys.argv[2]), [0]
+real = getattr(os, step)
+def dying(*args, **kwargs):
+    count[0] += 1
+    if count[0] == nth:
+        if step == "write":  # half of it on disk
+            real(args[0], bytes(args[1])[:max(1, len(args[1]) // 2)])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, step, dying)
+from pve_vhost_agent.cli.main import main
+main(args=sys.argv[3:], prog_name="pve-vhost-agent")
+"""
+# Each write is: temp file written, fsync, rename; a `nic set` writes the spec file, then the args.
+KILL_POINTS = [("write", 1), ("fsync", 1), ("replace", 1), ("write", 2), ("fsync", 2), ("replace", 2), ("rmdir", 1)]
+
+
+def _no_leftovers(root) -> None:
+    pve = root.root / "etc/pve"
+    assert [p for p in pve.rglob("*") if ".tmp." in p.name] == []
+    assert not root.settings().cluster_lock_dir.exists()
+
+
+def _expire_cluster_lock(root) -> None:
+    # pmxcfs drops a lock whose holder died after 120 s; a plain folder keeps it: do what pmxcfs does.
+    with contextlib.suppress(FileNotFoundError):
+        root.settings().cluster_lock_dir.rmdir()
+
+
+def _converged(root, queues: int) -> None:
+    assert root.cli("nic", "list", "100").stdout.count(f"{queues} queues") == 1
+    show = root.cli("show", "100")
+    assert show.returncode == 0 and "the VM config has exactly these args" in show.stdout, show.stdout
+    assert f"queues={queues}" in root.vm_path(100).read_text()
+    _no_leftovers(root)
+
+
+@pytest.mark.parametrize("step, nth", KILL_POINTS, ids=[f"{s}-{n}" for s, n in KILL_POINTS])
+def test_a_writer_killed_at_any_step_leaves_nothing_a_rerun_does_not_mend(node, step, nth):
+    argv = ["--root", str(node.root), "--node", "pve1", "nic", "set", "100", "net1", "--queues", "4"]
+    killed = subprocess.run(["/usr/bin/python3", "-c", KILLED_AT, step, str(nth), *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9, killed.stderr  # it got to that step
+    _expire_cluster_lock(node)
+    rerun = node.cli(*argv[4:])
+    assert rerun.returncode == 0, rerun.stderr
+    _converged(node, 4)
+
+
+@pytest.mark.slow
+def test_writers_killed_at_random_moments_converge(node):
+    import random
+
+    rng = random.Random()
+    for queues in (2, 4, 8, 2, 4, 8):
+        writer = subprocess.Popen(["/usr/bin/python3", "-m", "pve_vhost_agent", "--root", str(node.root), "--node",
+                                   "pve1", "nic", "set", "100", "net1", "--queues", str(queues)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 0.8))
+        writer.kill()
+        writer.wait()
+        _expire_cluster_lock(node)
+        rerun = node.cli("nic", "set", "100", "net1", "--queues", str(queues))
+        assert rerun.returncode == 0, rerun.stderr
+        _converged(node, queues)
+
+
+@pytest.mark.slow
+def test_parallel_declarations_all_land_in_the_spec_and_the_args(pve_root):
+    pve_root.write_vm(101, ENABLED)
+    assert pve_root.cli("enable", "101").returncode == 0
+    argv = ["/usr/bin/python3", "-m", "pve_vhost_agent", "--root", str(pve_root.root), "--node", "pve1"]
+    nics = range(1, 21)
+    writers = [subprocess.Popen(argv + ["nic", "add", "101", f"net{n}", "--bridge", "brv"], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in nics]
+    results = [(w.wait(timeout=120), w.stderr.read()) for w in writers]
+    for writer in writers:
+        writer.stdout.close()
+        writer.stderr.close()
+    assert [code for code, _err in results] == [0] * len(writers), results
+    listed = pve_root.cli("nic", "list", "101").stdout
+    assert sorted(int(line.split()[1][3:-1]) for line in listed.splitlines()) == list(nics)  # `101 net7: ...`
+    show = pve_root.cli("show", "101")
+    assert "the VM config has exactly these args" in show.stdout  # the last args writer wrote them for all
+    assert all(f"id=vhu-net{n}," in pve_root.vm_path(101).read_text() for n in nics)
+    _no_leftovers(pve_root)
+
+
+# --- a refused start leaves no Open vSwitch row -------------------------------------------------
+
+REFUSED_STARTS = [
+    # (what, change to VM 100's config text or spec, exit code)
+    ("stale args", lambda root: _edit(root.vm_path(100), "memory: 1024", "memory: 2048"), ExitCode.STALE),
+    ("a control character in stale args", lambda root: (_edit(root.vm_path(100), "args: ", f"args: {CONTROL} -x "),
+                                                          _edit(root.vm_path(100), "memory: 1024", "memory: 2048")),
+     ExitCode.STALE),
+    ("no DPDK in ovs-vswitchd", lambda root: None, ExitCode.REFUSED),
+    ("a swallowed agent option", lambda root: _edit(root.vm_path(100), "args: ", "args: -device "), ExitCode.CONFLICT),
+    ("ballooning on", lambda root: _edit(root.vm_path(100), "balloon: 0\n", ""), ExitCode.REFUSED),
+    ("memory 0", lambda root: _edit(root.vm_path(100), "memory: 1024", "memory: 0"), ExitCode.CONFLICT),
+    ("a superscript tag in the spec", lambda root: _edit(root.spec_file(100), "\tmac ", "\ttag ²\n\tmac "),
+     ExitCode.BAD_SPEC),
+    ("a world-writable socket folder", lambda root: (root.root / "run/pve-vhost-agent/ovs").chmod(0o777),
+     ExitCode.CONFLICT),
+]
+
+
+def _edit(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("change, code", [r[1:] for r in REFUSED_STARTS], ids=[r[0] for r in REFUSED_STARTS])
+def test_a_refused_start_writes_nothing_and_makes_no_ovs_row(pve_root, ovs, change, code):
+    import uuid
+
+    bridge = f"rb{uuid.uuid4().hex[:8]}"
+    vmid = str(100)
+    pve_root.write_vm(100, ROUTER)
+    assert pve_root.cli("nic", "add", vmid, "net1", "--bridge", bridge, "--mac", "02:00:00:00:00:01").returncode == 0
+    assert pve_root.cli("enable", vmid).returncode == 0
+    with_ovs = {"PVE_VHOST_AGENT_OVSDB": ovs.remote}
+    from pve_vhost_agent.adapters import qemu
+
+    qemu.installed_version(cache_dir=pve_root.settings().run_dir)  # a hook keeps it: cached before the snapshot
+    change(pve_root)
+    before = pve_root.snapshot()
+    result = hook(pve_root, vmid, "pre-start", **with_ovs)
+    assert result.returncode == code, result
+    assert TRACEBACK not in result.stdout + result.stderr and BUG not in result.stdout + result.stderr
+    assert pve_root.snapshot() == before
+    assert ovs.find("Bridge", f"name={bridge}") == []
+    assert ovs.find("Port", f"external_ids:pve-vhost-agent\\:vmid={vmid}") == []

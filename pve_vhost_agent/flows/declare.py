@@ -16,7 +16,7 @@ import dataclasses
 import os
 from typing import Callable, Iterator
 
-from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.adapters import pvefs, qemu
 from pve_vhost_agent.adapters.specstore import SpecUpdate, load_spec, migrate_spec, update_spec
 from pve_vhost_agent.adapters.vmstore import VmLocation, check_writable, find_vm
 from pve_vhost_agent.errors import AgentError, NotFound, OvsUnavailable
@@ -130,11 +130,13 @@ def _declare(settings: Settings, vmid: int, nic: str, rule: Rule, dry_run: bool,
     spec.check_vmid(vmid)
     config = find_vm(settings, vmid).config if needs_vm else None
     enabled = _enabled(settings, vmid)
+    # Asked before the cluster lock: nothing slow (starting QEMU) runs while it is held.
+    version = qemu.installed_version() if enabled is not None else None
 
     def change(cluster: spec.ClusterSpec) -> spec.ClusterSpec:
         after = rule(cluster, vmid, index, config)
         if enabled is not None:  # a spec the VM could not start with, or whose args cannot be written, is not written
-            sync = sync_for(settings, after.for_vm(vmid), enabled.config, bool(enabled.running))
+            sync = sync_for(settings, after.for_vm(vmid), enabled.config, bool(enabled.running), version)
             if not sync.in_sync:
                 check_writable(enabled, sync.config_after)
         return after
@@ -145,7 +147,12 @@ def _declare(settings: Settings, vmid: int, nic: str, rule: Rule, dry_run: bool,
     else:
         update = update_spec(settings, change)
     declared = Declared(vmid, index, update, dry_run)
-    return _follow(settings, declared, enabled) if update.changed else declared
+    if update.changed:
+        return _follow(settings, declared, enabled)
+    if enabled is not None and not dry_run:
+        # Declared already, by a run cut short before its args: this run brings them in step.
+        return dataclasses.replace(declared, args=apply_vm_args(settings, vmid))
+    return declared
 
 
 def _enabled(settings: Settings, vmid: int) -> VmLocation | None:
