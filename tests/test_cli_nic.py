@@ -278,7 +278,7 @@ def test_malformed_spec_file_is_named_with_its_line(cluster):
         result = cluster.cli(*args)
         assert result.returncode == ExitCode.BAD_SPEC
         assert result.stderr == (f"pve-vhost-agent: {cluster.legacy_spec_file} line 4: unknown key 'vlan' in a vhostuser section; "
-                                 "use only: bridge, mac, backend, tag, trunks, qinq, cvlans, ethertype, queues, "
+                                 "use only: bridge, mac, backend, socket, tag, trunks, qinq, cvlans, ethertype, queues, "
                                  "rx-queue-size, tx-queue-size, mtu\n")
     assert cluster.snapshot() == before
 

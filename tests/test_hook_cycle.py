@@ -418,3 +418,33 @@ def test_a_hugepages_vm_starts_on_a_host_with_no_hugepages_reserved_yet(harness)
     vm = h.qm().start(h.vmid)
     assert chardev_connected(vm, "vhu-net1")
     assert "ERROR" not in vm.task.text
+
+
+def test_an_adopted_tnsr_recipe_vm_starts_in_real_qemu_on_its_external_socket(harness):
+    """A VM set up by the TNSR recipe by hand: `adopt` declares its NIC on the same socket,
+    keeps its MAC and the user's other words, and the stand-in's command line (checked
+    against Proxmox's corpus) starts in real QEMU, connected to the switch's socket."""
+    h = harness
+    with tempfile.TemporaryDirectory(prefix="h12ad", dir="/tmp") as vpp:
+        sock = Path(vpp) / f"vm-{h.vmid}-0.sock"
+        recipe = (f"-chardev socket,id=char1,path={sock},reconnect=2 "
+                  f"-netdev type=vhost-user,id=vm-{h.vmid}-0,chardev=char1,vhostforce=on "
+                  "-object memory-backend-file,id=mem1000,size=128M,mem-path=/dev/shm,share=on "
+                  f"-numa node,memdev=mem1000 -device virtio-net-pci,netdev=vm-{h.vmid}-0,mac=02:AA:BB:00:00:07 "
+                  "-smbios type=1,serial=router7")
+        h.cluster.write_vm_config("nodeA", h.vmid, (
+            f"args: {recipe}\nballoon: 0\nhookscript: local:snippets/pve-vhost-agent\nmemory: 128\nname: router\n"))
+        h.cli("install-hook")
+        dry = h.cli("adopt", str(h.vmid), "--dry-run")
+        assert f"QEMU keeps connecting to {sock}" in dry.stdout and "MAC 02:AA:BB:00:00:07" in dry.stdout
+        h.cli("adopt", str(h.vmid))
+        args = h.cli("show", str(h.vmid), "--json").stdout
+        assert '"in_sync": true' in args
+        line = next(x for x in h.node.vm_conf(h.vmid).read_text().splitlines() if x.startswith("args: "))
+        assert line.startswith("args: -smbios type=1,serial=router7 -object memory-backend-memfd")
+        assert "/dev/shm" not in line and "-numa" not in line and f"path={sock},reconnect" in line
+        with VhostUserStub(sock) as switch:
+            switch.listen()
+            vm = h.qm().start(h.vmid)
+            assert chardev_connected(vm, "vhu-net1")
+            h.qm().stop(h.vmid)

@@ -12,19 +12,36 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import os
-import re
+import random
 import stat
 import subprocess
 import time
+import uuid
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from pve_vhost_agent.errors import AgentError, ExitCode
+from pve_vhost_agent.adapters import qemu
+from pve_vhost_agent.cli import common, hookscript, main
+from pve_vhost_agent.errors import AgentError, ExitCode, VmBusy
+from pve_vhost_agent.flows import declare, hook as hookflow
+from pve_vhost_agent.formats import qemuargs
+from pve_vhost_agent.formats.specfile import format_spec, parse_spec
+from pve_vhost_agent.formats.storagecfg import parse_storage_paths
+from pve_vhost_agent.formats.vmconfig import VmConfig
+from pve_vhost_agent.model.fields import NicChange
+from pve_vhost_agent.model.spec import ClusterSpec, VmSpec
+from pve_vhost_agent.plan.args import plan_args
+from pve_vhost_agent.plan.argsync import sync_args
+from pve_vhost_agent.plan.node import plan_node
+from pve_vhost_agent.plan.observed import LocalVm, NodeState
 
+from builders import SOCKET_DIRS, nic as vhost_nic
+from fixtures.pveroot import PveRoot
 from conftest import REPO
-from fixtures.fakeqemu import start_fake_qemu
 
 # A VM the agent can serve: no ballooning, numa off.
 ROUTER = "balloon: 0\nboot: order=scsi0\nmemory: 1024\nname: router\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n"
@@ -44,6 +61,15 @@ def one_line_error(result: subprocess.CompletedProcess, code: int | None = None,
     assert words in result.stderr, result.stderr
 
 
+def ok(root, *argv: str) -> str:
+    """A step a test stands on (set-up, a read to check), run in this process: its output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = common.call(main.main, ["--root", str(root.root), "--node", root.node, *argv])
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
 def hook(root, *argv: str, **env) -> subprocess.CompletedProcess:
     """The hookscript as Proxmox runs it (argv, LC_ALL=C, empty stdin), against `root`."""
     environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "PVE_VHOST_AGENT_ROOT": str(root.root),
@@ -58,9 +84,8 @@ def node(pve_root):
     """VM 100 (this node, enabled, one vhost-user NIC) and VM 200 of another node."""
     pve_root.write_vm(100, ROUTER)
     pve_root.write_vm(200, ROUTER, node="pve2")
-    assert pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv", "--mac", "02:00:00:00:00:01").returncode == 0
-    enabled = pve_root.cli("enable", "100")
-    assert enabled.returncode == 0, enabled.stderr
+    ok(pve_root, "nic", "add", "100", "net1", "--bridge", "brv", "--mac", "02:00:00:00:00:01")
+    ok(pve_root, "enable", "100")
     return pve_root
 
 
@@ -118,9 +143,6 @@ def test_usage_errors_are_one_line_like_the_agents_own(node, argv, words):
 
 
 def test_an_unexpected_exception_is_one_line_naming_a_bug_never_a_traceback(pve_root, monkeypatch, capsys):
-    from pve_vhost_agent.cli import common, main
-    from pve_vhost_agent.flows import declare
-
     def broken(*_args, **_kwargs):
         raise KeyError("a key no one expected\nwith a second line")
 
@@ -133,9 +155,6 @@ def test_an_unexpected_exception_is_one_line_naming_a_bug_never_a_traceback(pve_
 
 
 def test_the_hookscript_says_an_unexpected_exception_in_one_line_and_fails_the_phase(pve_root, monkeypatch, capsys):
-    from pve_vhost_agent.cli import hookscript
-    from pve_vhost_agent.flows import hook as hookflow
-
     monkeypatch.setattr(hookflow, "run_hook", lambda *_args: [][1])
     code = hookscript.main(["100", "pre-start"], {"PVE_VHOST_AGENT_ROOT": str(pve_root.root),
                                                   "PVE_VHOST_AGENT_NODE": "pve1"})
@@ -226,8 +245,8 @@ def test_a_carriage_return_in_args_is_that_vms_conflict_and_nothing_is_written(n
 
 def test_the_service_serves_the_other_vms_when_one_has_a_control_character(node):
     node.write_vm(101, ENABLED)
-    assert node.cli("nic", "add", "101", "net1", "--bridge", "brv").returncode == 0
-    assert node.cli("apply", "101").returncode == 0
+    ok(node, "nic", "add", "101", "net1", "--bridge", "brv")
+    ok(node, "apply", "101")
     for vmid, extra in ((100, CONTROL), (101, "")):  # both stale: memory changed
         path = node.vm_path(vmid)
         path.write_text(path.read_text().replace("memory: 1024", "memory: 2048").replace("args: ", f"args: {extra} "))
@@ -245,8 +264,6 @@ def test_the_service_serves_the_other_vms_when_one_has_a_control_character(node)
 
 
 def json_problems(text: str) -> list[str]:
-    import json
-
     summary = json.loads(text)
     return [str(p) for p in summary.get("problems", [])] + [summary.get("line", "")]
 
@@ -323,7 +340,7 @@ def test_a_spec_file_that_is_a_symbolic_link_is_not_replaced(node):
     one_line_error(node.cli("nic", "add", "100", "net2", "--bridge", "brv"), ExitCode.CONFLICT, "is a symbolic link")
     one_line_error(node.cli("nic", "remove", "100", "net1"), ExitCode.CONFLICT, "is a symbolic link")
     assert spec.is_symlink() and node.snapshot() == before
-    assert node.cli("nic", "list", "100").stdout.startswith("100 net1: ")  # reading through it still works
+    assert ok(node, "nic", "list", "100").startswith("100 net1: ")  # reading through it still works
 
 
 # --- spec and args change together or not at all ------------------------------------------------
@@ -352,7 +369,7 @@ def test_a_vm_locked_by_a_backup_gets_neither_spec_nor_args_and_the_retry_works(
     path.write_text(unlocked)  # the backup ended
     retry = node.cli(*argv)
     assert retry.returncode == 0, retry.stderr
-    assert node.cli("show", "100").stdout.count("the VM config has exactly these args") == 1
+    assert ok(node, "show", "100").count("the VM config has exactly these args") == 1
 
 
 def test_a_config_the_new_args_would_push_over_pmxcfs_limit_gets_neither(node):
@@ -369,9 +386,6 @@ def test_a_config_the_new_args_would_push_over_pmxcfs_limit_gets_neither(node):
 
 def test_args_that_cannot_be_written_take_the_declaration_back(node):
     # Proxmox's VM lock held (a `qm` task) when the args are written, after the spec was.
-    from pve_vhost_agent.errors import VmBusy
-    from pve_vhost_agent.flows import declare
-    from pve_vhost_agent.model.fields import NicChange
 
     settings = node.settings(lock_timeout=0.3)
     lock = settings.vm_lock(100)
@@ -388,8 +402,8 @@ def test_args_that_cannot_be_written_take_the_declaration_back(node):
     finally:
         holder.kill()
         holder.wait()
-    assert node.cli("nic", "add", "100", "net2", "--bridge", "brv").returncode == 0
-    assert "net2" in node.cli("show", "100").stdout
+    ok(node, "nic", "add", "100", "net2", "--bridge", "brv")
+    assert "net2" in ok(node, "show", "100")
 
 
 # --- folders and trust ------------------------------------------------------------------------
@@ -407,7 +421,7 @@ def test_folders_made_under_umask_000_are_0755(pve_root):
 
 def test_a_world_writable_socket_folder_is_refused_at_enable_and_at_pre_start(pve_root):
     pve_root.write_vm(100, ROUTER)
-    assert pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv").returncode == 0
+    ok(pve_root, "nic", "add", "100", "net1", "--bridge", "brv")
     folder = pve_root.root / "run/pve-vhost-agent/ovs"
     folder.mkdir(parents=True)
     folder.chmod(0o777)
@@ -415,7 +429,7 @@ def test_a_world_writable_socket_folder_is_refused_at_enable_and_at_pre_start(pv
     one_line_error(pve_root.cli("enable", "100"), ExitCode.CONFLICT, "is writable by others (mode 0777)")
     assert pve_root.snapshot() == before  # nothing installed, nothing set
     folder.chmod(0o755)
-    assert pve_root.cli("enable", "100").returncode == 0
+    ok(pve_root, "enable", "100")
     folder.chmod(0o777)  # someone opened it up since
     result = hook(pve_root, "100", "pre-start")
     assert result.returncode == ExitCode.CONFLICT and "is writable by others" in result.stdout
@@ -437,18 +451,6 @@ def test_a_migration_source_that_is_not_a_node_name_is_refused(node, source):
 
 
 # --- generated inputs (hypothesis, bounded) ------------------------------------------------------
-
-from pve_vhost_agent.formats import qemuargs  # noqa: E402
-from pve_vhost_agent.formats.specfile import format_spec, parse_spec  # noqa: E402
-from pve_vhost_agent.formats.storagecfg import parse_storage_paths  # noqa: E402
-from pve_vhost_agent.formats.vmconfig import VmConfig  # noqa: E402
-from pve_vhost_agent.plan.args import ArgsPlan, plan_args  # noqa: E402
-from pve_vhost_agent.plan.argsync import sync_args  # noqa: E402
-from pve_vhost_agent.plan.node import plan_node  # noqa: E402
-from pve_vhost_agent.plan.observed import LocalVm, NodeState  # noqa: E402
-from pve_vhost_agent.model.spec import ClusterSpec, VmSpec  # noqa: E402
-
-from builders import SOCKET_DIRS, nic as vhost_nic  # noqa: E402
 
 FUZZ = hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # What makes Proxmox's split, QEMU's option syntax and the config file format trip.
@@ -570,7 +572,7 @@ _VALUES = {
     "--rx-queue-size": _or_nasty("256", "1024"), "--tx-queue-size": _or_nasty("512"), "--mtu": _or_nasty("1500", "9000"),
     "--storage": _or_nasty("local", "nosuch"),
 }
-_FLAGS = ("--dry-run", "--json", "--no-vlan", "--all")
+_FLAGS = ("--dry-run", "--json", "--no-vlan", "--all", "--patched-qinq")
 
 
 def _options(*names: str) -> st.SearchStrategy:
@@ -601,6 +603,8 @@ ARGVS = st.one_of(
     _command(["disable"], _VMID, _options("--dry-run")),
     _command(["ovs", "status"], _VMID, _options("--json")),
     _command(["install-hook"], _options("--storage", "--dry-run")),
+    _command(["adopt"], st.lists(_VMID, max_size=1), _options("--all", "--bridge", "--patched-qinq", "--dry-run",
+                                                              "--json")),
     st.sampled_from([["status"], ["status", "--json"], ["migrate-spec"], ["nic"], ["frob"]]),
     st.lists(NASTY, max_size=4),
 )
@@ -609,16 +613,14 @@ ARGVS = st.one_of(
 @pytest.fixture(scope="module")
 def fuzz_root(tmp_path_factory):
     """One node for the generated command lines (they may change it: every state is a fair start)."""
-    from fixtures.pveroot import PveRoot
-
     root = tmp_path_factory.mktemp("fuzz-root")
     (root / "etc/pve/nodes/pve1/qemu-server").mkdir(parents=True)
     (root / "etc/pve/priv/lock").mkdir(parents=True)
     pve = PveRoot(root)
     pve.write_vm(100, ENABLED)
     pve.write_vm(101, ROUTER + "net2: virtio=BC:24:11:00:00:02,bridge=vmbr0,tag=5\n")
-    assert pve.cli("nic", "add", "100", "net1", "--bridge", "brv").returncode == 0
-    assert pve.cli("apply", "100").returncode == 0
+    ok(pve, "nic", "add", "100", "net1", "--bridge", "brv")
+    ok(pve, "apply", "100")
     return pve
 
 
@@ -626,15 +628,13 @@ def fuzz_root(tmp_path_factory):
                                                                     HealthCheck.function_scoped_fixture])
 @given(argv=ARGVS)
 def test_any_command_line_ends_in_a_result_or_one_line_never_a_bug(fuzz_root, argv):
-    from pve_vhost_agent.cli import common, main
-
     full = ["--root", str(fuzz_root.root), "--ovsdb", f"unix:{fuzz_root.root}/no-ovsdb.sock", "--node", "pve1", *argv]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = common.call(main.main, full)
     assert isinstance(code, int) and 0 <= code <= 130, code
     assert BUG not in err.getvalue() and TRACEBACK not in err.getvalue(), (argv, err.getvalue())
-    if code not in (0, 130) and argv[-1:] != ["--all"] and "status" not in argv:
+    if code not in (0, 130) and "--all" not in argv and "status" not in argv and "adopt" not in argv:
         assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("pve-vhost-agent: "), (argv, err.getvalue())
     assert not fuzz_root.settings().cluster_lock_dir.exists()
 
@@ -649,10 +649,6 @@ ENV_VALUES = st.one_of(st.none(), NASTY, st.sampled_from(["pve1", "pve2", "unix:
        migrated=ENV_VALUES, ovsdb=ENV_VALUES, node=ENV_VALUES, extra=st.lists(NASTY, max_size=1))
 def test_any_hook_call_and_environment_ends_in_an_exit_code_and_one_line(fuzz_root, vmid, phase, migrated, ovsdb,
                                                                            node, extra):
-    import logging
-
-    from pve_vhost_agent.cli import hookscript
-
     env = {"PVE_VHOST_AGENT_ROOT": str(fuzz_root.root), "PVE_MIGRATED_FROM": migrated,
            "PVE_VHOST_AGENT_OVSDB": ovsdb, "PVE_VHOST_AGENT_NODE": node}
     env = {key: value for key, value in env.items() if value is not None}
@@ -703,9 +699,9 @@ def _expire_cluster_lock(root) -> None:
 
 
 def _converged(root, queues: int) -> None:
-    assert root.cli("nic", "list", "100").stdout.count(f"{queues} queues") == 1
-    show = root.cli("show", "100")
-    assert show.returncode == 0 and "the VM config has exactly these args" in show.stdout, show.stdout
+    assert ok(root, "nic", "list", "100").count(f"{queues} queues") == 1
+    show = ok(root, "show", "100")
+    assert "the VM config has exactly these args" in show, show
     assert f"queues={queues}" in root.vm_path(100).read_text()
     _no_leftovers(root)
 
@@ -724,8 +720,6 @@ def test_a_writer_killed_at_any_step_leaves_nothing_a_rerun_does_not_mend(node, 
 
 @pytest.mark.slow
 def test_writers_killed_at_random_moments_converge(node):
-    import random
-
     rng = random.Random()
     for queues in (2, 4, 8, 2, 4, 8):
         writer = subprocess.Popen(["/usr/bin/python3", "-m", "pve_vhost_agent", "--root", str(node.root), "--node",
@@ -743,7 +737,7 @@ def test_writers_killed_at_random_moments_converge(node):
 @pytest.mark.slow
 def test_parallel_declarations_all_land_in_the_spec_and_the_args(pve_root):
     pve_root.write_vm(101, ENABLED)
-    assert pve_root.cli("enable", "101").returncode == 0
+    ok(pve_root, "enable", "101")
     argv = ["/usr/bin/python3", "-m", "pve_vhost_agent", "--root", str(pve_root.root), "--node", "pve1"]
     nics = range(1, 21)
     writers = [subprocess.Popen(argv + ["nic", "add", "101", f"net{n}", "--bridge", "brv"], cwd=REPO, text=True,
@@ -753,10 +747,9 @@ def test_parallel_declarations_all_land_in_the_spec_and_the_args(pve_root):
         writer.stdout.close()
         writer.stderr.close()
     assert [code for code, _err in results] == [0] * len(writers), results
-    listed = pve_root.cli("nic", "list", "101").stdout
+    listed = ok(pve_root, "nic", "list", "101")
     assert sorted(int(line.split()[1][3:-1]) for line in listed.splitlines()) == list(nics)  # `101 net7: ...`
-    show = pve_root.cli("show", "101")
-    assert "the VM config has exactly these args" in show.stdout  # the last args writer wrote them for all
+    assert "the VM config has exactly these args" in ok(pve_root, "show", "101")  # the last args writer wrote them for all
     assert all(f"id=vhu-net{n}," in pve_root.vm_path(101).read_text() for n in nics)
     _no_leftovers(pve_root)
 
@@ -788,15 +781,12 @@ def _edit(path, old: str, new: str) -> None:
 
 @pytest.mark.parametrize("change, code", [r[1:] for r in REFUSED_STARTS], ids=[r[0] for r in REFUSED_STARTS])
 def test_a_refused_start_writes_nothing_and_makes_no_ovs_row(pve_root, ovs, change, code):
-    import uuid
-
     bridge = f"rb{uuid.uuid4().hex[:8]}"
     vmid = str(100)
     pve_root.write_vm(100, ROUTER)
-    assert pve_root.cli("nic", "add", vmid, "net1", "--bridge", bridge, "--mac", "02:00:00:00:00:01").returncode == 0
-    assert pve_root.cli("enable", vmid).returncode == 0
+    ok(pve_root, "nic", "add", vmid, "net1", "--bridge", bridge, "--mac", "02:00:00:00:00:01")
+    ok(pve_root, "enable", vmid)
     with_ovs = {"PVE_VHOST_AGENT_OVSDB": ovs.remote}
-    from pve_vhost_agent.adapters import qemu
 
     qemu.installed_version(cache_dir=pve_root.settings().run_dir)  # a hook keeps it: cached before the snapshot
     change(pve_root)

@@ -9,6 +9,7 @@ import click
 from pve_vhost_agent.cli.common import VMID
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.flows import adopt as adopt_flow
 from pve_vhost_agent.flows.vmargs import VmArgs, apply_vms, vm_args
 
 
@@ -92,4 +93,59 @@ def args_lines(result: VmArgs, dry_run: bool) -> list[str]:
     return lines
 
 
-COMMANDS = [show, apply]
+
+
+@click.command("adopt")
+@click.argument("vmid", type=VMID, required=False)
+@click.option("--all", "all_vms", is_flag=True, help="Every VM of this node with hand-written vhost-user args.")
+@click.option("--bridge", default="vhostbr0", show_default=True,
+              help="OVS bridge of adopted NICs whose socket QEMU served (a hand-written line does not name it).")
+@click.option("--patched-qinq", is_flag=True,
+              help="Read NICs with tag + trunks as the patched Network.pm does: QinQ with S-tag = tag, C-VLANs = trunks.")
+@click.option("--dry-run", is_flag=True, help="Show the whole plan; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_obj
+def adopt(settings: Settings, vmid: int | None, all_vms: bool, bridge: str, patched_qinq: bool, dry_run: bool,
+          as_json: bool) -> None:
+    """Turn hand-written vhost-user args (the TNSR recipe) into declared NICs, keeping MACs and your other args."""
+    if (vmid is None) == (not all_vms):
+        raise click.UsageError("give either VMID or --all")
+    if all_vms:
+        results = adopt_flow.adopt_all(settings, bridge, patched_qinq, dry_run)
+    else:
+        results = [(vmid, adopt_flow.adopt(settings, vmid, bridge, patched_qinq, dry_run))]
+    rows, code = [], ExitCode.OK
+    for one, result in results:
+        if isinstance(result, AgentError):
+            rows.append({"vmid": one, "error": str(result)})
+            code = result.exit_code if code == ExitCode.OK else ExitCode.FAILURE
+            if not as_json:
+                click.echo(f"VM {one}: {result}", err=True)
+            continue
+        plan = result.plan
+        rows.append({"vmid": one, "nics": [n.name for n in plan.nics], "qinq": [q.name for q in plan.tap_qinq],
+                     "notes": list(plan.notes), "refusals": list(plan.refusals), "written": result.written,
+                     "args": result.config_after.effective().get("args") if result.config_after else None})
+        if plan.refusals:
+            code = ExitCode.CONFLICT if code == ExitCode.OK else ExitCode.FAILURE
+        if not as_json:
+            for line in _adopt_lines(result):
+                click.echo(line, err=bool(plan.refusals))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    raise SystemExit(int(code))
+
+
+def _adopt_lines(result) -> list[str]:
+    plan, vmid = result.plan, result.plan.vmid
+    if plan.refusals:
+        return [f"VM {vmid}: cannot adopt: {why}" for why in plan.refusals] + [f"VM {vmid}: nothing was written"]
+    verb = "dry run: would declare" if result.dry_run else "declared"
+    lines = [f"VM {vmid}: {verb} {note}" for note in plan.notes]
+    args = result.config_after.effective().get("args") or "(none)"
+    where = "would become" if result.dry_run else "is now"
+    lines.append(f"VM {vmid}: its args line {where}: {args}")
+    return lines
+
+
+COMMANDS = [show, apply, adopt]

@@ -116,7 +116,7 @@ def entry_row(settings: Settings, entry: spec.VhostNic | spec.TapQinQ) -> dict:
     if isinstance(entry, spec.VhostNic):
         row.update(backend=entry.backend.value, bridge=entry.bridge, mac=entry.mac, queues=entry.queues,
                    rx_queue_size=entry.rx_queue_size, tx_queue_size=entry.tx_queue_size, mtu=entry.mtu,
-                   socket=str(settings.socket_dir(entry.backend.value) / entry.socket_name))
+                   socket=str(entry.socket_path(settings.socket_dirs())))
     else:
         row.update(_tap_facts(settings, entry))
     return row
@@ -176,7 +176,7 @@ def _follow(settings: Settings, declared: Declared, enabled: VmLocation | None) 
     args = vm_args(settings, vmid, update.after) if dry_run else _write_args(settings, declared)
     lines = [] if dry_run else make_socket_folders(settings, update.after.for_vm(vmid))
     before, after = update.before.for_vm(vmid), update.after.for_vm(vmid)
-    if enabled.running and any(n.backend is spec.Backend.OVS for n in (*before.nics, *after.nics)):
+    if enabled.running and (before.ovs_nics or after.ovs_nics):
         try:
             lines += follow_running_vm(settings, after, dry_run)
         except OvsUnavailable as err:

@@ -16,7 +16,7 @@ from pve_vhost_agent.plan.argsync import ArgsSync, sync_args
 from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.flows.bug import unexpected
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.model.spec import Backend, ClusterSpec, VmSpec
+from pve_vhost_agent.model.spec import ClusterSpec, VmSpec
 from pve_vhost_agent.adapters.specstore import load_spec, load_vm_spec
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.adapters.vmstore import VmLocation, find_vm, local_vm_configs, update_vm_config, vm_running

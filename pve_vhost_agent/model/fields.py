@@ -63,6 +63,9 @@ NIC_FIELDS: tuple[NicField, ...] = (
     NicField("backend", "backend", _choice("backend", spec.Backend), spec.Backend.OVS,
              "ovs: an OVS-DPDK port (default); external: a vhost-user server such as VPP/TNSR.",
              choices=tuple(b.value for b in spec.Backend)),
+    NicField("socket", "socket", spec.check_socket_path, None,
+             "With --backend external: the socket the vhost-user server (VPP/TNSR) listens on "
+             "(default: /run/pve-vhost-agent/external/vm-<vmid>-<N>.sock).", "PATH"),
     NicField("queues", "queues", lambda text: number(text, "queues"), 1,
              f"Queue pairs (multiqueue), 1-{spec.QUEUES_MAX}.", "N"),
     NicField("rx_queue_size", "rx-queue-size", lambda text: number(text, "rx-queue-size"), spec.DEFAULT_QUEUE_SIZE,
@@ -73,7 +76,7 @@ NIC_FIELDS: tuple[NicField, ...] = (
              f"MTU of the port ({spec.MTU_MIN}-{spec.MTU_MAX}).", "MTU"),
 )
 # The spec file writes the VLAN mode's keys after this field.
-_VLAN_AFTER = "backend"
+_VLAN_AFTER = "socket"
 
 VLAN_FIELDS: tuple[NicField, ...] = (
     NicField("tag", "tag", lambda text: number(text, "tag"), None, "Access VLAN (1-4094).", "VLAN"),

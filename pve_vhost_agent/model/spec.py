@@ -12,7 +12,8 @@ import dataclasses
 import enum
 import functools
 import re
-from typing import Iterable
+from pathlib import PurePosixPath
+from typing import Iterable, Mapping
 
 from pve_vhost_agent.errors import SpecError
 from pve_vhost_agent.model import names
@@ -102,11 +103,29 @@ class VlanPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
-class VhostNic:
-    """A vhost-user NIC of a VM. `index` is the Proxmox NIC number N of `netN`."""
+class NicEntry:
+    """What every declared NIC has: its VM and its index N (the VM config's `netN`)."""
 
     vmid: int
     index: int
+
+    def __post_init__(self) -> None:
+        check_vmid(self.vmid)
+        check_nic_index(self.index)
+
+    @property
+    def name(self) -> str:
+        return names.nic_name(self.index)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.vmid, self.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class VhostNic(NicEntry):
+    """A vhost-user NIC of a VM."""
+
     bridge: str
     mac: str
     backend: Backend = Backend.OVS
@@ -115,11 +134,16 @@ class VhostNic:
     rx_queue_size: int = DEFAULT_QUEUE_SIZE
     tx_queue_size: int = DEFAULT_QUEUE_SIZE
     mtu: int | None = None
+    socket: str | None = None  # backend external: where the server listens (default: the agent's folder)
 
     def __post_init__(self) -> None:
-        check_vmid(self.vmid)
-        check_nic_index(self.index)
+        super().__post_init__()
         check_ifname(self.bridge, "bridge")
+        if self.socket is not None:
+            if self.backend is not Backend.EXTERNAL:
+                raise SpecError(f"{self.name} of VM {self.vmid}: --socket is for the external backend only (the agent "
+                                "keeps the ovs backend's sockets in its own folder)", "add --backend external, or drop --socket")
+            check_socket_path(self.socket)
         object.__setattr__(self, "mac", check_mac(self.mac))
         if not 1 <= self.queues <= QUEUES_MAX:
             raise SpecError(f"queues {self.queues} is outside 1-{QUEUES_MAX}", "give --queues between 1 and 64")
@@ -131,14 +155,6 @@ class VhostNic:
                 )
         if self.mtu is not None and not MTU_MIN <= self.mtu <= MTU_MAX:
             raise SpecError(f"MTU {self.mtu} is outside {MTU_MIN}-{MTU_MAX}", f"give --mtu between {MTU_MIN} and {MTU_MAX}")
-
-    @property
-    def name(self) -> str:
-        return names.nic_name(self.index)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.vmid, self.index)
 
     @property
     def port_name(self) -> str:
@@ -159,26 +175,16 @@ class VhostNic:
         """The socket file name, as in the TNSR recipe: `vm-<vmid>-<N>.sock`."""
         return names.socket_name(self.vmid, self.index)
 
+    def socket_path(self, socket_dirs: Mapping[Backend, PurePosixPath]) -> PurePosixPath:
+        """Where the NIC's socket is: the one given, else in its backend's folder."""
+        return PurePosixPath(self.socket) if self.socket else PurePosixPath(socket_dirs[self.backend]) / self.socket_name
+
 
 @dataclasses.dataclass(frozen=True)
-class TapQinQ:
+class TapQinQ(NicEntry):
     """QinQ for one of Proxmox's own tap NICs (`netN` in the VM config, on an OVS bridge)."""
 
-    vmid: int
-    index: int
     qinq: QinQ
-
-    def __post_init__(self) -> None:
-        check_vmid(self.vmid)
-        check_nic_index(self.index)
-
-    @property
-    def name(self) -> str:
-        return names.nic_name(self.index)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.vmid, self.index)
 
     @property
     def port_name(self) -> str:
@@ -221,6 +227,11 @@ class VmSpec:
     def __bool__(self) -> bool:
         """True when the agent has work for this VM (a chained hook alone is not work)."""
         return bool(self.nics or self.tap_qinq)
+
+    @property
+    def ovs_nics(self) -> tuple[VhostNic, ...]:
+        """The vhost-user NICs whose port the agent makes in OVS-DPDK (backend ovs)."""
+        return tuple(nic for nic in self.nics if nic.backend is Backend.OVS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +380,21 @@ def format_vlan_list(vids: Iterable[int]) -> str:
         out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
         i = j + 1
     return ",".join(out)
+
+
+_SOCKET_PATH = re.compile(r"/[A-Za-z0-9_./:+-]+")
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
+
+
+def check_socket_path(path: str) -> str:
+    """An absolute unix socket path that QEMU's option syntax and Proxmox's split of `args:`
+    read as written: no comma, `=`, quote, blank or `..` (refused, never escaped)."""
+    if (not isinstance(path, str) or not _SOCKET_PATH.fullmatch(path) or "/../" in f"{path}/"
+            or len(path.encode()) > MAX_SOCKET_PATH):
+        raise SpecError(f"socket path {str(path)[:120]!r} is not an absolute path of at most {MAX_SOCKET_PATH} bytes "
+                        "from A-Z a-z 0-9 _ . / : + -", "give the path the vhost-user server listens on, e.g. "
+                        "/run/vpp/vm-100-0.sock")
+    return path
 
 
 def check_ifname(name: str, what: str) -> str:

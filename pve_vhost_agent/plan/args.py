@@ -58,7 +58,7 @@ def plan_args(
     _check_nics(vm.vmid, nics, config)
     args, notes = _plan_memory(vm.vmid, memory_layout(config), config)
     for nic in nics:
-        nic_args, nic_notes = _plan_nic(nic, qemu_version, socket_dirs[nic.backend])
+        nic_args, nic_notes = _plan_nic(nic, qemu_version, socket_dirs)
         args += nic_args
         notes += nic_notes
     qemuargs.check_agent_args(args)
@@ -140,9 +140,10 @@ def _safe(value: str, what: str) -> str:
     return value
 
 
-def _plan_nic(nic: VhostNic, qemu_version: tuple[int, int, int], socket_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _plan_nic(nic: VhostNic, qemu_version: tuple[int, int, int],
+              socket_dirs: Mapping[Backend, Path]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     ident = names.args_nic_id(nic.index)
-    path = _safe(str(socket_dir / nic.socket_name), "socket path")
+    path = _safe(str(nic.socket_path(socket_dirs)), "socket path")
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise SpecError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes", "use a shorter --root folder")
     if nic.backend is Backend.OVS:

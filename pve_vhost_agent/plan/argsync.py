@@ -43,15 +43,18 @@ def is_hibernated(main: Mapping[str, str]) -> bool:
     return "vmstate" in main or main.get("lock") == "suspended"
 
 
-def sync_args(config: VmConfig, plan: ArgsPlan, running: bool) -> ArgsSync:
-    """Compare the args the next start would use with `plan`; compute the config to write."""
+def sync_args(config: VmConfig, plan: ArgsPlan, running: bool, user_line: str | None = None) -> ArgsSync:
+    """Compare the args the next start would use with `plan`; compute the config to write.
+    `user_line` replaces the user's part of the line (`adopt` takes its words out)."""
     effective = config.effective().get("args", "")
     current = qemuargs.agent_args(effective)
+    if user_line is not None:
+        effective = user_line
     main = config.section(MAIN)
     pending = config.section(PENDING)
     later = running or is_hibernated(main)
     section = PENDING if later or "args" in pending or "args" in config.pending_delete else MAIN
-    if current == plan.args:
+    if current == plan.args and user_line is None:
         return ArgsSync(current, plan, section, effective or None, config)
     merged = qemuargs.merge_agent_args(effective, plan.args) or None
     if section == MAIN:

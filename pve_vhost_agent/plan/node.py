@@ -19,7 +19,7 @@ import dataclasses
 from typing import Mapping
 
 from pve_vhost_agent.errors import AgentError, Unexpected
-from pve_vhost_agent.model.actions import Action, DelPort, DelSocket, RestoreTapVlan, WriteVmArgs
+from pve_vhost_agent.model.actions import Action, DelSocket, WriteVmArgs
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend
 from pve_vhost_agent.plan.args import plan_args
