@@ -213,6 +213,29 @@ def test_a_byte_that_is_not_utf8_in_storage_cfg_breaks_nothing(pve_root):
         assert f"old hook 100 {phase}" in result.stdout
 
 
+ODD_FILES = [
+    # (what, the file, make it odd, argv, exit code, words)
+    ("a spec file that is a FIFO", lambda root: root.spec_file(100), os.mkfifo, ("nic", "list"), ExitCode.CONFLICT,
+     "is not a regular file"),
+    ("a spec file that is a folder", lambda root: root.spec_file(100), os.mkdir, ("show", "100"), ExitCode.FAILURE,
+     "Is a directory"),
+    ("a VM config that is a FIFO", lambda root: root.vm_path(100), os.mkfifo, ("apply", "100"), ExitCode.CONFLICT,
+     "is not a regular file"),
+    ("storage.cfg that is a FIFO", lambda root: root.root / "etc/pve/storage.cfg", os.mkfifo, ("install-hook",),
+     ExitCode.CONFLICT, "is not a regular file"),
+]
+
+
+@pytest.mark.parametrize("where, make, argv, code, words", [c[1:] for c in ODD_FILES], ids=[c[0] for c in ODD_FILES])
+def test_an_odd_file_where_a_file_should_be_is_one_line_never_a_hang(node, where, make, argv, code, words):
+    path = where(node)
+    path.unlink(missing_ok=True)
+    make(path)
+    before = node.snapshot()
+    one_line_error(node.cli(*argv, timeout=30), code, words)  # a read of a FIFO would wait for ever
+    assert node.snapshot() == before
+
+
 def test_names_with_5000_digits_in_the_socket_folder_and_the_args_are_not_the_agents(node):
     folder = node.root / "run/pve-vhost-agent/ovs"
     (folder / f"vm-{'1' * 5000}-1.sock"[:250]).write_text("")  # a file name is at most 255 bytes

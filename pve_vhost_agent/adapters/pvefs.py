@@ -40,30 +40,31 @@ def read_text(path: Path) -> str | None:
     except OSError as err:
         raise _read_error(err, path) from err
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise _read_error(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+        if not stat.S_ISREG(info.st_mode):
             raise ConfigConflict(f"{path} is not a regular file", "replace it with the file Proxmox keeps there, or remove it")
-        chunks, size = [], 0
-        while size <= MAX_FILE_SIZE:
-            chunk = os.read(fd, MAX_FILE_SIZE + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = _read_at_most(fd, MAX_FILE_SIZE + 1)
     except OSError as err:
         raise _read_error(err, path) from err
     finally:
         os.close(fd)
-    if size > MAX_FILE_SIZE:
-        raise too_big(path, os.stat(path).st_size)
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
+    if len(data) > MAX_FILE_SIZE:
+        raise ConfigConflict(f"{path} is {max(info.st_size, len(data))} bytes, over pmxcfs's 1 MiB limit for a file "
+                             "in /etc/pve", "shorten it (no Proxmox node can hold it): remove what is no longer needed")
+    return data.decode("utf-8", "surrogateescape")
 
 
-def too_big(path: Path, size: int) -> ConfigConflict:
-    return ConfigConflict(f"{path} is {size} bytes, over pmxcfs's 1 MiB limit for a file in /etc/pve",
-                          "shorten it (no Proxmox node can hold it): remove what is no longer needed")
+def _read_at_most(fd: int, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def _read_error(err: OSError, path: Path) -> AgentError:
