@@ -538,14 +538,18 @@ def test_any_spec_file_is_a_bad_spec_with_its_line_or_reads_back_the_same(text):
     assert parse_spec(format_spec(spec)) == spec
 
 
+def _served_vm_config(lines: list[str]) -> str:
+    """A VM the agent serves, then anything."""
+    return "balloon: 0\nmemory: 1024\n" + "\n".join(lines)
+
+
 CONFIG_LINES = st.lists(st.one_of(
     st.sampled_from(["memory: 0", "memory: 2048", "memory: ²", "memory: " + "9" * 5000, "balloon: 0", "balloon: 1",
                      "numa: 1", "hugepages: 2", "hotplug: memory", "virtiofs0: x", "template: 1", "lock: backup",
                      "net1: virtio=02:00:00:00:00:01,bridge=vmbr0", "net3: e1000=XX", "net99: virtio", "[PENDING]",
                      "delete: args", "[snap]", "vmstate: x", "machine: q35", "args: -numa node", "args: -device",
                      "args: '", "hookscript: local:snippets/pve-vhost-agent", "", "#description"]),
-    st.builds("args: {}".format, ARGS_LINES), st.text(max_size=20)), max_size=12).map(
-    lambda lines: "balloon: 0\nmemory: 1024\n" + "\n".join(lines))  # a VM the agent serves, then anything
+    st.builds("args: {}".format, ARGS_LINES), st.text(max_size=20)), max_size=12).map(_served_vm_config)
 
 
 @FUZZ
@@ -598,10 +602,19 @@ _VALUES = {
 _FLAGS = ("--dry-run", "--json", "--no-vlan", "--all", "--patched-qinq")
 
 
+def _option(name: str) -> st.SearchStrategy:
+    """`[--flag]` or `[--option, value]` (named functions: hypothesis prints a lambda by its source)."""
+    if name in _FLAGS:
+        return st.just([name])
+    return st.tuples(st.just(name), _VALUES[name]).map(list)
+
+
+def _flat(parts) -> list[str]:
+    return [word for part in parts for word in (part if isinstance(part, list) else [part])]
+
+
 def _options(*names: str) -> st.SearchStrategy:
-    one = st.sampled_from(names).flatmap(
-        lambda name: st.just([name]) if name in _FLAGS else _VALUES[name].map(lambda value: [name, value]))
-    return st.lists(one, max_size=3).map(lambda parts: [w for part in parts for w in part])
+    return st.lists(st.sampled_from(names).flatmap(_option), max_size=3).map(_flat)
 
 
 _VHOST = ("--bridge", "--mac", "--backend", "--tag", "--trunks", "--qinq", "--cvlans", "--ethertype", "--queues",
@@ -609,7 +622,7 @@ _VHOST = ("--bridge", "--mac", "--backend", "--tag", "--trunks", "--qinq", "--cv
 
 
 def _command(words: list[str], *parts: st.SearchStrategy) -> st.SearchStrategy:
-    return st.tuples(*parts).map(lambda got: words + [w for part in got for w in (part if isinstance(part, list) else [part])])
+    return st.tuples(st.just(words), *parts).map(_flat)
 
 
 ARGVS = st.one_of(
@@ -617,7 +630,7 @@ ARGVS = st.one_of(
     _command(["nic", "set"], _VMID, _NIC, _options(*_VHOST, "--no-vlan")),
     _command(["nic", "remove"], _VMID, _NIC, _options("--dry-run", "--json")),
     _command(["nic", "list"], st.lists(_VMID, max_size=1), _options("--json")),
-    _command(["qinq", "set"], _VMID, _NIC, _VALUES["--qinq"].map(lambda v: ["--qinq", v]),
+    _command(["qinq", "set"], _VMID, _NIC, _option("--qinq"),
              _options("--cvlans", "--ethertype", "--dry-run")),
     _command(["qinq", "remove"], _VMID, _NIC, _options("--dry-run")),
     _command(["show"], _VMID, _options("--json")),
