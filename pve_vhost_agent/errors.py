@@ -112,6 +112,16 @@ class OvsRefused(AgentError):
     exit_code = ExitCode.REFUSED
 
 
+class Unexpected(AgentError):
+    """An exception the agent did not expect: a bug, said in one line like any error."""
+
+    @classmethod
+    def of(cls, err: BaseException, where: str = "") -> "Unexpected":
+        """`where`: where the traceback went, e.g. ` (the traceback is in the journal)`."""
+        return cls(f"unexpected {type(err).__name__}: {str(err)[:200]}",
+                   f"this is a bug in pve-vhost-agent, please report it{where}")
+
+
 class VmBusy(AgentTimeout):
     """Proxmox's lock of the VM is held by someone else (a start, stop, migration or `qm set`)."""
 

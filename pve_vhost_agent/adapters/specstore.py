@@ -78,6 +78,7 @@ def load_vm_spec(settings: Settings, vmid: int) -> VmSpec:
 def update_spec(settings: Settings, change: Callable[[ClusterSpec], ClusterSpec]) -> SpecUpdate:
     """Apply `change` to the spec under the cluster lock; write only the VM files it changed."""
     with cluster_lock(settings):
+        pvefs.remove_stale_temp_files(settings.spec_dir)  # of writers killed mid-write, anywhere
         before = load_spec(settings)  # read under the lock: another node may just have written
         after = change(before)
         update = SpecUpdate(before, after)
@@ -106,12 +107,7 @@ def _migrate_locked(settings: Settings) -> int:
     moved = [vmid for vmid in sorted(set(_all_vmids(legacy))) if vmid not in have]
     for vmid in moved:
         _write_vm_file(settings, vmid, _only(legacy, vmid))
-    try:
-        settings.legacy_spec_file.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise pvefs.write_error(err, settings.legacy_spec_file) from err
+    pvefs.remove(settings.legacy_spec_file)
     log.info("moved the declarations of %d VMs from %s into %s", len(moved), settings.legacy_spec_file,
              settings.spec_dir)
     return len(moved)
@@ -149,12 +145,7 @@ def _load_legacy(settings: Settings) -> ClusterSpec | None:
 def _write_vm_file(settings: Settings, vmid: int, part: ClusterSpec) -> None:
     path = settings.vm_spec_file(vmid)
     if not (part.nics or part.tap_qinq or part.hooks):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise pvefs.write_error(err, path) from err
+        pvefs.remove(path)
         return
     try:
         # pmxcfs fixes the modes of what is made in /etc/pve (chmod fails there).

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
-from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound
+from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.errors import ConfigConflict, NotFound
 from pve_vhost_agent.formats.storagecfg import DEFAULT_LOCAL_PATH, parse_storage_paths
 from pve_vhost_agent.settings import Settings
 
@@ -12,12 +15,8 @@ from pve_vhost_agent.settings import Settings
 def storage_path(settings: Settings, storage: str) -> Path:
     """The folder of a file-based storage (under the settings' root)."""
     cfg = settings.pve_dir / "storage.cfg"
-    try:
-        paths = parse_storage_paths(cfg.read_text())
-    except FileNotFoundError:
-        paths = {}
-    except OSError as err:
-        raise AgentError(f"cannot read {cfg}: {err.strerror}", "check /etc/pve (is pve-cluster running?)") from err
+    text = pvefs.read_text(cfg)  # any byte: one that is not UTF-8 stays what it is, as Proxmox reads it
+    paths = parse_storage_paths(text) if text is not None else {}
     if storage not in paths:
         if storage == "local":
             return settings.host_path(DEFAULT_LOCAL_PATH)
@@ -31,6 +30,29 @@ def storage_path(settings: Settings, storage: str) -> Path:
 
 def snippets_dir(settings: Settings, storage: str) -> Path:
     return storage_path(settings, storage) / "snippets"
+
+
+def runnable_snippet(settings: Settings, volume: str, what: str, fix: str) -> Path:
+    """The file of hookscript `volume`, when Proxmox could run it: a regular, executable
+    file that starts with `#!` (or is an ELF binary). Else NotFound (missing) or
+    ConfigConflict, naming it as `what`, with `fix`."""
+    path = snippet_path(settings, volume)
+    try:
+        info = os.stat(path)
+        why = None if stat.S_ISREG(info.st_mode) else "is not a regular file"
+        if why is None and not os.access(path, os.X_OK):
+            why = "is not executable"
+        if why is None:
+            with open(path, "rb") as script:
+                if not script.read(4).startswith((b"#!", b"\x7fELF")):
+                    why = "has no `#!` line"
+    except FileNotFoundError:
+        raise NotFound(f"{what} {volume} ({path}) is missing", fix) from None
+    except OSError as err:
+        why = f"cannot be read ({err.strerror})"
+    if why is not None:
+        raise ConfigConflict(f"{what} {volume} ({path}) {why}, so Proxmox could not run it", fix)
+    return path
 
 
 def snippet_path(settings: Settings, volume: str) -> Path:

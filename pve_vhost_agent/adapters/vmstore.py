@@ -118,13 +118,23 @@ def update_vm_config(settings: Settings, vmid: int, change: Callable[[VmConfig],
     _must_be_local(find_vm(settings, vmid))
     with vm_lock(settings, vmid):
         location = find_vm(settings, vmid)  # again: someone may have changed it meanwhile
-        _must_be_local(location)
-        _must_be_unlocked(location)
+        check_writable(location)
+        # Proxmox's writers of this config (`qm set`) hold this lock too.
+        pvefs.remove_stale_temp_files(location.path.parent, location.path.name)
         after = change(location.config)
         update = VmUpdate(location, after)
         if update.changed:
             pvefs.write_atomic(location.path, after.text)
         return update
+
+
+def check_writable(location: VmLocation, after: VmConfig | None = None) -> None:
+    """What a write of the VM's config needs, checked before anything is written: the VM
+    lives here, Proxmox has not locked it (`lock:`), and `after` fits pmxcfs."""
+    _must_be_local(location)
+    _must_be_unlocked(location)
+    if after is not None and after.text != location.config.text:
+        pvefs.check_size(location.path, after.text)
 
 
 def _must_be_local(location: VmLocation) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from pve_vhost_agent.cli.common import STORAGE, VMID
 from pve_vhost_agent.flows import enable as hookinstall
 from pve_vhost_agent.flows.hook import run_hook
 from pve_vhost_agent.settings import Settings
@@ -22,7 +23,7 @@ def hook(settings: Settings, vmid: str, phase: str) -> None:
 
 
 @click.command("install-hook")
-@click.option("--storage", default="local", show_default=True, help="Storage whose snippets/ folder gets the hookscript.")
+@click.option("--storage", type=STORAGE, default="local", show_default=True, help="Storage whose snippets/ folder gets the hookscript.")
 @click.option("--dry-run", is_flag=True, help="Say what would be installed; write nothing.")
 @click.pass_obj
 def install_hook(settings: Settings, storage: str, dry_run: bool) -> None:
@@ -34,8 +35,8 @@ def install_hook(settings: Settings, storage: str, dry_run: bool) -> None:
 
 
 @click.command("enable")
-@click.argument("vmid", type=int)
-@click.option("--storage", default="local", show_default=True, help="Storage holding the hookscript.")
+@click.argument("vmid", type=VMID)
+@click.option("--storage", type=STORAGE, default="local", show_default=True, help="Storage holding the hookscript.")
 @click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
 @click.pass_obj
 def enable(settings: Settings, vmid: int, storage: str, dry_run: bool) -> None:
@@ -45,7 +46,7 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool) -> None:
 
 
 @click.command("disable")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
 @click.pass_obj
 def disable(settings: Settings, vmid: int, dry_run: bool) -> None:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import click
 
+from pve_vhost_agent.cli.common import VMID, Group
 from pve_vhost_agent.cli.vm import args_lines, args_row
 from pve_vhost_agent.errors import SpecError
 from pve_vhost_agent.flows import declare
@@ -78,13 +79,13 @@ def _report(settings: Settings, result: declare.Declared, what: str, as_json: bo
         click.echo(line)
 
 
-@click.group("nic")
+@click.group("nic", cls=Group)
 def nic_group() -> None:
     """Declare vhost-user NICs of VMs (stored cluster-wide in /etc/pve)."""
 
 
 @nic_group.command("add")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.vhost_fields())
 @_common
@@ -95,7 +96,7 @@ def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: boo
 
 
 @nic_group.command("set")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.vhost_fields())
 @click.option("--no-vlan", is_flag=True, help="Drop the VLAN mode: the port carries all VLANs.")
@@ -107,7 +108,7 @@ def nic_set(settings: Settings, vmid: int, nic: str, no_vlan: bool, dry_run: boo
 
 
 @nic_group.command("remove")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_common
 @click.pass_obj
@@ -117,7 +118,7 @@ def nic_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: 
 
 
 @nic_group.command("list")
-@click.argument("vmid", type=int, required=False)
+@click.argument("vmid", type=VMID, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 @click.pass_obj
 def nic_list(settings: Settings, vmid: int | None, as_json: bool) -> None:
@@ -131,13 +132,13 @@ def nic_list(settings: Settings, vmid: int | None, as_json: bool) -> None:
         click.echo(f"{entry.vmid} {entry.name}: {entry.describe()}")
 
 
-@click.group("qinq")
+@click.group("qinq", cls=Group)
 def qinq_group() -> None:
     """QinQ (dot1q-tunnel) for Proxmox's own tap NICs."""
 
 
 @qinq_group.command("set")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.QINQ_FIELDS)
 @_common
@@ -156,7 +157,7 @@ def qinq_set(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bo
 
 
 @qinq_group.command("remove")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_common
 @click.pass_obj

@@ -7,11 +7,12 @@ import sys
 
 import click
 
+from pve_vhost_agent.cli.common import SecondsType
 from pve_vhost_agent.settings import Settings
 
 
 @click.command("service")
-@click.option("--interval", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+@click.option("--interval", type=SecondsType(0.5, 86400), default=10.0, show_default=True,
               help="Seconds between passes (a change in Open vSwitch starts one early).")
 @click.option("--once", is_flag=True, help="One pass, then exit: non-zero when there are problems.")
 @click.option("--dry-run", is_flag=True, help="One pass that prints the plan and changes nothing.")

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from pve_vhost_agent.cli.common import VMID
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.flows import adopt as adopt_flow
@@ -31,7 +32,7 @@ def args_row(result: VmArgs) -> dict:
 
 
 @click.command("show")
-@click.argument("vmid", type=int)
+@click.argument("vmid", type=VMID)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def show(settings: Settings, vmid: int, as_json: bool) -> None:
@@ -57,7 +58,7 @@ def show(settings: Settings, vmid: int, as_json: bool) -> None:
 
 
 @click.command("apply")
-@click.argument("vmid", type=int, required=False)
+@click.argument("vmid", type=VMID, required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of this node with a spec (or left-over agent args).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
 @click.pass_obj
@@ -95,7 +96,7 @@ def args_lines(result: VmArgs, dry_run: bool) -> list[str]:
 
 
 @click.command("adopt")
-@click.argument("vmid", type=int, required=False)
+@click.argument("vmid", type=VMID, required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of this node with hand-written vhost-user args.")
 @click.option("--bridge", default="vhostbr0", show_default=True,
               help="OVS bridge of adopted NICs whose socket QEMU served (a hand-written line does not name it).")

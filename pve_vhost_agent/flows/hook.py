@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -159,10 +158,16 @@ def run_hook(settings: Settings, vmid: str, phase: str, env: Mapping[str, str]) 
             log.warning("%s: %s", call.phase, err, extra=fields)
     if vm.chained_hook is None:
         return ExitCode.OK
-    chained = run_chained(settings, vm.chained_hook, call, env)
-    if chained != 0 and call.phase == "pre-start" and vm:
-        log.error("start aborted by the chained hookscript %s; undoing this pre-start",
-                  vm.chained_hook.hookscript, extra={"vmid": call.vmid, "phase": call.phase})
+    undo = call.phase == "pre-start" and bool(vm)  # the agent's pre-start ran: a failed chained one is undone
+    try:
+        chained, why = run_chained(settings, vm.chained_hook, call, env), ""
+    except AgentError as err:
+        if not undo:
+            raise
+        chained, why = int(err.exit_code), f": {err}"
+    if chained != 0 and undo:
+        log.error("start aborted by the chained hookscript %s%s; undoing this pre-start",
+                  vm.chained_hook.hookscript, why, extra={"vmid": call.vmid, "phase": call.phase})
         roll_back(settings, call, vm, config)
     return chained
 
@@ -174,17 +179,22 @@ def run_phase(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig |
 
 
 def roll_back(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig | None) -> None:
-    """Undo a pre-start whose start is aborted after it (no other hook will run)."""
-    if vm.ovs_nics:
+    """Undo a pre-start whose start is aborted after it (no other hook will run); what
+    cannot be undone now is left to the service, with a warning."""
+    if not vm.ovs_nics:
+        return
+    try:
         run_phase(settings, dataclasses.replace(call, phase="post-stop"), vm, config)
+    except AgentError as err:
+        log.warning("the ports of the aborted start were not all removed: %s; the service removes them", err,
+                    extra={"vmid": call.vmid, "phase": call.phase, "result": "failed"})
 
 
 def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapping[str, str]) -> int:
     """Run the VM's previous hookscript as Proxmox would: same argv, environment, stdin."""
-    path = storagecfg.snippet_path(settings, hook.hookscript)
-    fix = f"restore it, or drop it: pve-vhost-agent disable {call.vmid} && pve-vhost-agent enable {call.vmid}"
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise NotFound(f"chained hookscript {hook.hookscript} ({path}) is missing or not executable", fix)
+    fix = (f"restore it, or drop it: pve-vhost-agent disable {call.vmid}, qm set {call.vmid} --delete hookscript, "
+           f"pve-vhost-agent enable {call.vmid}")
+    path = storagecfg.runnable_snippet(settings, hook.hookscript, "chained hookscript", fix)
     import subprocess  # only a VM that chains a hookscript runs one
 
     try:

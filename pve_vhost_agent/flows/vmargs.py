@@ -14,9 +14,10 @@ from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import ArgsSync, sync_args
 from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.flows.bug import unexpected
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import ClusterSpec, VmSpec
-from pve_vhost_agent.adapters.specstore import load_spec
+from pve_vhost_agent.adapters.specstore import load_spec, load_vm_spec
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.adapters.vmstore import VmLocation, find_vm, local_vm_configs, update_vm_config, vm_running
 
@@ -55,31 +56,35 @@ def vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -
 
 
 def apply_vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -> VmArgs:
-    """Write the planned args under the VM lock (re-planned on the config read under it)."""
+    """Write the planned args under the VM lock, planned again on the config and the VM's
+    spec file as they are under it: of two declarations in parallel, the one that writes
+    the args last writes them for both."""
     cluster = load_spec(settings) if cluster is None else cluster
     first = vm_args(settings, vmid, cluster)  # refusals and no-ops touch nothing, not even the lock
     if first.sync.in_sync:
         return first
-    vm = first.spec
-    version = qemu_version_for(settings, vm)  # before the lock: nothing slow runs while it is held
-    result: list[ArgsSync] = []
+    version = qemu_version_for(settings, first.spec)  # before the lock: nothing slow runs while it is held
+    result: list[tuple[VmSpec, ArgsSync]] = []
 
     def change(config: VmConfig) -> VmConfig:
-        sync = sync_for(settings, vm, config, vm_running(settings, vmid), version)
-        result.append(sync)
+        vm = load_vm_spec(settings, vmid)
+        known = version if first.spec.nics or not vm.nics else qemu_version_for(settings, vm)
+        sync = sync_for(settings, vm, config, vm_running(settings, vmid), known)
+        result.append((vm, sync))
         return sync.config_after
 
     update = update_vm_config(settings, vmid, change)
-    if not update.changed and not result[-1].in_sync:
+    vm, sync = result[-1]
+    if not update.changed and not sync.in_sync:
         raise AgentError(
-            f"VM {vmid}: its args line is not as planned ({'; '.join(result[-1].changes)}) but writing the config "
+            f"VM {vmid}: its args line is not as planned ({'; '.join(sync.changes)}) but writing the config "
             "changes nothing",
             f"this is a bug: report it with /etc/pve/qemu-server/{vmid}.conf",
         )
     if update.changed:
-        log.info("VM %s: args line written to the %s section", vmid, result[-1].section,
+        log.info("VM %s: args line written to the %s section", vmid, sync.section,
                  extra={"vmid": vmid, "action": "WriteVmArgs", "result": "changed"})
-    return VmArgs(update.location, vm, result[-1])
+    return VmArgs(update.location, vm, sync)
 
 
 def vms_to_apply(settings: Settings, cluster: ClusterSpec) -> list[int]:
@@ -103,4 +108,8 @@ def apply_vms(settings: Settings, vmid: int | None, dry_run: bool) -> list[tuple
             if vmid is not None:
                 raise
             results.append((one, err))
+        except Exception as err:  # noqa: BLE001 - a bug with one VM must not stop the others
+            if vmid is not None:
+                raise
+            results.append((one, unexpected(err)))
     return results

@@ -32,9 +32,10 @@ QINQ = "qinq"
 VM = "vm"
 _HEADER = re.compile(r"^(\S+):\s*(\S+)\s*$")
 _PROPERTY = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
-_VM_ID = re.compile(r"^[0-9]+$")
+_VM_ID = re.compile(r"^[0-9]{1,10}$")
 # The shape of a NIC section id; names.SECTION decides which ids are valid (say net0-31).
-_SECTION_SHAPE = re.compile(r"^([0-9]+)-(net[0-9]+)$")
+# Digits are bounded: a 5,000-digit id is refused as a bad id, not handed to int().
+_SECTION_SHAPE = re.compile(r"^([0-9]{1,10})-(net[0-9]{1,10})$")
 _FIELDS = {VHOST: fields.vhost_fields(), QINQ: fields.QINQ_FIELDS}
 KEYS = {**{kind: tuple(f.key for f in found) for kind, found in _FIELDS.items()}, VM: ("chain-hookscript",)}
 

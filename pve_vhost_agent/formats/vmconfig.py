@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from pve_vhost_agent.errors import ConfigConflict
+
 MAIN = "main"
 PENDING = "pending"
 
@@ -68,6 +70,21 @@ def _classify(lines: list[str]) -> tuple[_Line, ...]:
         else:
             out.append(_Line(text, section, part, "other"))
     return tuple(out)
+
+
+def _check_value(key: str, value: str) -> None:
+    """A value the agent writes must read back exactly as written, on one line: no control
+    character (a tab is fine), no blanks at its ends (ConfigConflict: the VM's own text)."""
+    bad = next((i for i, char in enumerate(value) if (char < " " and char != "\t") or char == "\x7f"), None)
+    if bad is not None:
+        raise ConfigConflict(
+            f"the VM's {key} has a control character (U+{ord(value[bad]):04X}) at character {bad + 1}, "
+            "which the agent does not write into a VM config",
+            f"remove it from the VM's {key} (qm set VMID --{key} '...'), then run the command again")
+    match = _KEY_LINE.match(f"{key}: {value}")
+    if match is None or match.group(2) != value:
+        raise ConfigConflict(f"the VM's {key} {value[:40]!r} would not read back as written (empty, or blanks at its ends)",
+                             f"fix the VM's {key} (qm set VMID --{key} '...')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +147,8 @@ class VmConfig:
             raise ValueError(f"the agent writes only the main and pending sections, not {section!r}")
         if not _KEY.match(key) or key in ("delete", "description"):
             raise ValueError(f"{key!r} is not a key the agent may write")
-        if value is not None and (not value or value != value.strip() or "\n" in value or "\r" in value):
-            raise ValueError(f"value for {key!r} must be one non-empty line without outer spaces")
+        if value is not None:
+            _check_value(key, value)
         part = self._part(section)
         lines = [line.text for line in self.lines]
         at = [i for i, line in enumerate(self.lines) if line.part == part and line.kind == "key" and line.key == key]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 MAX_NICS = 32  # Proxmox's net0 .. net31
+MAX_DIGITS = 10  # a VM id has at most 9 digits, a NIC index 2
 
 
 class VmNicName:
@@ -20,7 +21,8 @@ class VmNicName:
         self.template = template
         pattern = re.escape(template)
         for field in ("vmid", "index"):
-            pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>[0-9]+)")
+            # Bounded: a name of 5,000 digits is not one of these (and int() would refuse it).
+            pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>[0-9]{{1,{MAX_DIGITS}}})")
         self._pattern = re.compile(pattern)
 
     def __call__(self, vmid: int | None = None, index: int = 0) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.errors import AgentError, Unexpected
 from pve_vhost_agent.model.actions import Action, DelSocket, WriteVmArgs
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend
@@ -65,6 +65,8 @@ def plan_node(state: NodeState) -> NodePlan:
                     guards.update({a.vmid: True for a in vm_ports if getattr(a, "vmid", None) is not None})
             except AgentError as err:
                 problems.append(Problem.of(err, vm.vmid))
+            except Exception as err:  # noqa: BLE001 - a bug in one VM's planning must not stop the others'
+                problems.append(Problem.of(Unexpected.of(err), vm.vmid))
     live = state.running | state.busy
     leftovers = _leftovers(state, live) + _stale_sockets(state, live)
     guards.update({a.vmid: False for a in leftovers})
