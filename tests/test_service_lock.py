@@ -1,5 +1,6 @@
-"""The service holds Proxmox's VM lock only to re-check the VM and commit, never while it
-waits for ovs-vswitchd (`qm start` and `qm migrate` wait only 10 s for that lock)."""
+"""The service holds Proxmox's VM lock only to re-check the VM and commit, never while
+ovs-vswitchd catches up (`qm start` and `qm migrate` wait only 10 s for that lock): it does
+not wait for ovs-vswitchd at all, a later pass sees what it made."""
 
 import fcntl
 import threading
@@ -28,7 +29,7 @@ def test_the_vm_lock_is_free_while_the_service_waits_for_ovs_vswitchd(fresh_ovs,
         with open(lock, "a") as handle:
             while worker.is_alive() and free is None:
                 if committed is None and inst.find("Port", "name=vhu100i0") == []:
-                    committed = time.monotonic()  # from now on it waits for ovs-vswitchd (3 s)
+                    committed = time.monotonic()  # ovs-vswitchd would need its ovs_timeout (3 s) now
                 if committed is not None:
                     try:
                         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `qm start` would take it
@@ -39,6 +40,5 @@ def test_the_vm_lock_is_free_while_the_service_waits_for_ovs_vswitchd(fresh_ovs,
                 time.sleep(0.02)
         worker.join(30)
     assert committed is not None and free is not None
-    assert free - committed < 1.0  # not after the 3 s wait
-    failures = [str(p) for p in reports[0].failures]
-    assert len(failures) == 1 and "ovs-vswitchd did not apply DelPort vhu100i0 within 3 s" in failures[0]
+    assert free - committed < 1.0  # not after a 3 s wait
+    assert [str(p) for p in reports[0].failures] == []  # the row is gone; vswitchd is the doctor's
