@@ -42,3 +42,30 @@ def test_the_vm_lock_is_free_while_the_service_waits_for_ovs_vswitchd(fresh_ovs,
     assert committed is not None and free is not None
     assert free - committed < 1.0  # not after a 3 s wait
     assert [str(p) for p in reports[0].failures] == []  # the row is gone; vswitchd is the doctor's
+
+
+def test_a_bug_in_one_vms_change_is_that_vms_one_line_problem(fresh_ovs, pve_root, monkeypatch):
+    """Fault injection: applying VM 100's change raises something the agent never expects;
+    VM 101's leftover still goes, and VM 100's failure is one line saying it is a bug."""
+    import pve_vhost_agent.flows.service as service_flow
+    inst = fresh_ovs("h11bug")
+    with Ovsdb(inst.remote, timeout=10) as db:  # leftovers of two VMs that do not run here
+        db.apply([EnsureBridge("h11bugb", "netdev"),
+                  AddVhostPort("vhu100i0", "h11bugb", 100, "net0", "/tmp/h11bug-none/vm-100-0.sock", PortVlan()),
+                  AddVhostPort("vhu101i0", "h11bugb", 101, "net0", "/tmp/h11bug-none/vm-101-0.sock", PortVlan())])
+    real = service_flow.apply_plan
+
+    def buggy(settings, actions, *args, **kwargs):
+        if any(getattr(a, "vmid", None) == 100 for a in actions):
+            raise KeyError("injected")
+        return real(settings, actions, *args, **kwargs)
+
+    monkeypatch.setattr(service_flow, "apply_plan", buggy)
+    with Service(pve_root.settings(ovsdb=inst.remote, ovs_timeout=10)) as service:
+        report = service.run_pass()
+    assert inst.find("Port", "name=vhu101i0") == []
+    assert len(inst.find("Port", "name=vhu100i0")) == 1
+    failures = [(p.vmid, str(p)) for p in report.failures]
+    assert len(failures) == 1 and failures[0][0] == 100
+    assert "unexpected KeyError" in failures[0][1] and "bug in pve-vhost-agent" in failures[0][1]
+    assert "\n" not in failures[0][1] and "Traceback" not in failures[0][1]

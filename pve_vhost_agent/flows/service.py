@@ -21,7 +21,7 @@ from typing import Callable
 
 from systemd import daemon
 
-from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable
+from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable, Unexpected
 from pve_vhost_agent.adapters.journal import setup_logging
 from pve_vhost_agent.adapters.specstore import migrate_spec
 from pve_vhost_agent.flows.observe import Caches, observe_node, observe_ovs
@@ -193,7 +193,7 @@ class Service:
         except Exception as err:  # a bug must not stop the other VMs' work
             log.exception("applying %s failed unexpectedly", ", ".join(a.sentence() for a in actions[:3]),
                           extra={"result": "failed"})
-            return [Problem(vmids[0] if len(vmids) == 1 else None, f"{err!r} while applying the plan; please report this bug")]
+            return [Problem.of(Unexpected.of(err, " (the traceback is in the journal)"), vmids[0] if len(vmids) == 1 else None)]
         return []
 
     def _write_args(self, action: WriteVmArgs, spec: ClusterSpec | None) -> str:
