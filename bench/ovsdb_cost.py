@@ -4,7 +4,7 @@ as the number of ports on the bridge grows (platform-facts: every ovs-vsctl call
 whole database). Figures only, no asserts. Run as root: bench/ovsdb_cost.py [--ports 100,500,1000]
 
 Starts its own private ovsdb-server + ovs-vswitchd (userspace, in a private network namespace)
-with the test fixtures' helper and stops it by PID at the end.
+with testbed/ovs.py and stops it by PID at the end.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
-from fixtures.ovs import start_ovs  # noqa: E402  (test helper: a private OVS)
+from testbed.ovs import start_ovs  # noqa: E402  (a private OVS)
 from pve_vhost_agent.model.actions import AddVhostPort, DelPort  # noqa: E402
 from pve_vhost_agent.adapters.ovsdb import Ovsdb  # noqa: E402
 from pve_vhost_agent.adapters.ovsrows import write  # noqa: E402

@@ -1,0 +1,8 @@
+"""Pytest-free helpers that start private daemons and sandboxes, shared by the tests
+(tests/fixtures/ wraps them as fixtures), the demo (scripts/demo-cycle) and the bench
+(bench/run). Never shipped: setup.cfg packages only `pve_vhost_agent*`.
+
+    ovs      a private ovsdb-server + ovs-vswitchd (userspace or DPDK), stopped by PID
+    pvenode  a Proxmox-like root for the agent (`--root`): VM configs, the spec file,
+             stand-in running VMs and the sockets QEMU would serve
+"""
