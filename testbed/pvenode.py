@@ -95,6 +95,8 @@ class PveNode:
         (root / "etc/pve/nodes" / node / "qemu-server").mkdir(parents=True)
         (root / "etc/pve/qemu-server").symlink_to(f"nodes/{node}/qemu-server")
         (root / "etc/pve/priv/lock").mkdir(parents=True)
+        # What pmxcfs always serves (the agent takes a folder without it for pve-cluster down).
+        (root / "etc/pve/.version").write_text('{\n"starttime": 0\n}\n')
         return cls(root, node, ovsdb, checkout)
 
     def remove(self) -> None:
