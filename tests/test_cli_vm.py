@@ -1,5 +1,6 @@
 """`show` and `apply`: the planned args line, written once, kept in step with the VM."""
 
+import difflib
 import json
 
 import pytest
@@ -60,9 +61,13 @@ def test_apply_writes_once_keeps_user_args_and_every_other_byte(router):
     assert first.returncode == 0, first.stderr
     assert "args written to the VM config" in first.stdout
     after = router.vm_path(100).read_text()
-    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
-    assert len(changed) == 1 and changed[0][0].startswith("args: ")
-    assert changed[0][1].startswith("args: -smbios 'type=1,serial=a b' -object memory-backend-memfd")
+    diff = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-"]
+    # The args line changed; the GUI marks (plan/marks) came in; every other line is as it was.
+    assert [line for line in diff if line[0] == "-"] == ["- args: -smbios 'type=1,serial=a b'"]
+    added = [line[2:] for line in diff if line[0] == "+"]
+    assert len(added) == 3 and added[0].startswith("#pve-vhost-agent%3A vhost-user NICs net1 (br-vhost)")
+    assert added[1].startswith("args: -smbios 'type=1,serial=a b' -object memory-backend-memfd")
+    assert added[2] == "tags: vhost-user" and after.startswith("#TNSR router\n#pve-vhost-agent%3A")
     assert show_json(router)["in_sync"] is True
     again = router.cli("apply", "100")
     assert again.returncode == 0 and "args up to date" in again.stdout

@@ -141,6 +141,8 @@ def args_lines(result: VmArgs, dry_run: bool) -> list[str]:
         return [f"VM {vmid}: args up to date"]
     where = "as a pending change" if sync.section == "pending" else "to the VM config"
     changes = "; ".join(sync.changes)
+    if sync.args_in_sync:  # only the GUI marks (tag, notes line) change: at once, as Proxmox writes them
+        return [f"VM {vmid}: {'dry run: would mark' if dry_run else 'marked'} in the Proxmox GUI ({changes})"]
     if dry_run:
         return [f"VM {vmid}: dry run: would write args {where}: {sync.line_after or '(delete args)'} ({changes})"]
     lines = [f"VM {vmid}: args written {where} ({changes})"]

@@ -65,7 +65,9 @@ def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool,
     """Plan `vm`'s args against `config` (pass `version` when calling under a lock)."""
     version = qemu_version_for(settings, vm) if version is None else version
     plan = plan_args(vm, config.effective(), version, settings.socket_dirs())
-    return sync_args(config, plan, running)
+    # An enabled VM carries the GUI marks of its vhost-user NICs (plan/marks); others keep theirs.
+    enabled = is_agent_hook(config.section(MAIN).get("hookscript"))
+    return sync_args(config, plan, running, vm.nics if enabled else None)
 
 
 def vm_args(settings: Settings, vmid: int, cluster: ClusterSpec | None = None) -> VmArgs:

@@ -121,7 +121,7 @@ def _args_action(vm: LocalVm, state: NodeState) -> WriteVmArgs | None:
         return None  # the node's QEMU problem is reported once, in state.problems
     # The same planning as `apply` (vmargs.sync_for), on the same inputs.
     plan = plan_args(spec, vm.config.effective(), state.qemu_version or (0, 0, 0), state.socket_dirs)
-    sync = sync_args(vm.config, plan, vm.vmid in state.running)
+    sync = sync_args(vm.config, plan, vm.vmid in state.running, spec.nics)  # an enabled VM: GUI marks too
     if sync.in_sync:
         return None
     return WriteVmArgs(vm.vmid, "; ".join(sync.changes))
