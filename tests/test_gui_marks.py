@@ -7,6 +7,7 @@ own tags or notes: the config is byte for byte what it was once the marks are go
 
 from __future__ import annotations
 
+import json
 from urllib.parse import unquote
 
 from pve_vhost_agent.formats.vmconfig import VmConfig
@@ -73,3 +74,15 @@ def test_apply_puts_back_a_mark_the_gui_removed_and_a_running_vm_gets_it_at_once
     assert out == "VM 100: marked in the Proxmox GUI (tag vhost-user added)\n"
     assert config(pve_root).section()["tags"] == "prod;edge;vhost-user"
     assert ok(pve_root, "apply", "100") == "VM 100: args up to date\n"
+
+
+def test_install_hook_and_enable_use_the_storages_content_dirs(pve_root):
+    """Proxmox resolves local:snippets/... through storage.cfg's content-dirs: so does the agent."""
+    (pve_root.root / "etc/pve/storage.cfg").write_text(
+        "dir: local\n\tpath /var/lib/vz\n\tcontent snippets\n\tcontent-dirs snippets=hooks\n")
+    shown = json.loads(ok(pve_root, "install-hook", "--json"))
+    assert shown["folder"] == str(pve_root.root / "var/lib/vz/hooks") and shown["changed"] is True
+    assert (pve_root.root / "var/lib/vz/hooks/pve-vhost-agent").stat().st_mode & 0o111
+    pve_root.write_vm(100, USER)
+    out = json.loads(ok(pve_root, "enable", "100", "--json"))
+    assert out["vms"][0]["vmid"] == 100 and str(pve_root.root / "var/lib/vz/hooks") in out["vms"][0]["lines"][0]
