@@ -1,18 +1,22 @@
-"""Raw Ethernet frames in and out of a network namespace, with the standard library only
-(no pytest: the tests and the demo use it).
+"""Raw Ethernet frames in and out of a network namespace, with the standard library only.
 
 `FrameProbe(netns, ifname)` starts this file as a small helper process inside the
 namespace (`ip netns exec`); the helper holds one AF_PACKET socket on the interface and
 answers two commands on stdin: `send HEX` and `collect SRC TIMEOUT` (every test frame
 received since the last collect, up to the first one from MAC SRC, or until TIMEOUT).
 
-The kernel moves a received frame's outer VLAN tag into packet metadata; the helper puts
-it back from PACKET_AUXDATA (with its TPID), so a test sees the frame as on the wire.
+The kernel moves a received frame's outer VLAN tag into packet metadata (so do transmits
+through a device that offloads the tag, like veth); `read_frame` puts it back from
+PACKET_AUXDATA (tp_vlan_tci, and tp_vlan_tpid when TP_STATUS_VLAN_TPID_VALID says it is
+set), so a test sees the frame as on the wire. A test in the same namespace (say in a
+real-kernel guest, tests/fixtures/kernelvm.py) uses the socket directly:
+`capture_socket(ifname)`, `collect(sock, src, timeout)`, `tag_text(frame)` -> "88a8/100 8100/10".
 Test frames use source MACs 02:68:33:... ("h3"); other traffic is ignored, unless the
 probe is given another source prefix (`sources=`, e.g. a guest's own MAC).
 
 `answer(frame, peer_ip, peer_mac)` is a peer that answers a guest's ARP requests and
 ICMP echo requests with the same VLAN tags (this host kernel has no VLAN devices).
+No pytest here: the tests (tests/fixtures/frames.py) and the demo use it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ def tags_of(data: bytes) -> list[tuple[int, int]]:
     return tags
 
 
+def tag_text(data: bytes) -> str:
+    """The VLAN tags of a frame as text, outermost first: "88a8/100 8100/10" ("" untagged)."""
+    return " ".join(f"{tpid:04x}/{vid}" for tpid, vid in tags_of(data))
+
+
 class FrameProbe:
     """The test side: a helper process in `netns` bound to `ifname`."""
 
@@ -88,9 +97,54 @@ class FrameProbe:
         self.proc.stdout.close()
 
 
-def describe_tags(data: bytes) -> str:
-    """A frame's VLAN tags as `88a8/950 8100/10` (TPID in hex / VLAN id), outermost first."""
-    return " ".join(f"{tpid:04x}/{vid}" for tpid, vid in tags_of(data)) or "untagged"
+# --- one AF_PACKET socket, in this process ---------------------------------------------
+
+
+def capture_socket(ifname: str) -> socket.socket:
+    """An AF_PACKET socket on `ifname` for every protocol, with PACKET_AUXDATA on; it also
+    sends (raw frames, as given, out of `ifname`)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+    sock.bind((ifname, 0))
+    return sock
+
+
+def read_frame(sock: socket.socket, deadline: float) -> tuple[bytes, int] | None:
+    """(frame with its outer VLAN tag put back, packet type) of the next frame on `sock`,
+    or None at `deadline` (time.monotonic()). The packet type is socket.PACKET_HOST,
+    PACKET_BROADCAST, ..., or PACKET_OUTGOING for a frame the interface sent."""
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    try:
+        data, ancdata, _flags, addr = sock.recvmsg(65535, socket.CMSG_SPACE(20))
+    except socket.timeout:
+        return None
+    for level, kind, cdata in ancdata:
+        if level == SOL_PACKET and kind == PACKET_AUXDATA:
+            # struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid
+            status, _len, _snap, _mac, _net, tci, tpid = struct.unpack("IIIHHHH", cdata[:20])
+            if status & TP_STATUS_VLAN_VALID:
+                tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100
+                data = data[:12] + struct.pack("!HH", tpid, tci) + data[12:]
+    return data, addr[2]
+
+
+def collect(sock: socket.socket, until_src: bytes, timeout: float = 5.0, *, outgoing: bool = False,
+            sources: bytes = TEST_MAC_PREFIX) -> list[bytes]:
+    """Test frames (source MAC starting with `sources`, 02:68:33:... by default) read from
+    `sock` up to the first one from `until_src`, or until `timeout` s passed. Frames the
+    interface sent itself count only with `outgoing=True` (capturing what a device puts on
+    the wire)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while (got := read_frame(sock, deadline)) is not None:
+        data, kind = got
+        if data[6:6 + len(sources)] == sources and (outgoing or kind != PACKET_OUTGOING):
+            seen.append(data)
+            if data[6:12] == until_src:
+                break
+    return seen
+
+
+# --- a peer that answers ----------------------------------------------------------------
 
 
 def _checksum(data: bytes) -> int:
@@ -129,41 +183,16 @@ def answer(data: bytes, peer_ip: str, peer_mac: bytes) -> bytes | None:
 # --- the helper, run inside the namespace ---------------------------------------------
 
 
-def _receive(sock: socket.socket, deadline: float) -> bytes | None:
-    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-    try:
-        data, ancdata, _flags, addr = sock.recvmsg(65535, socket.CMSG_SPACE(20))
-    except socket.timeout:
-        return None
-    if addr[2] == PACKET_OUTGOING:
-        return b""
-    for level, kind, cdata in ancdata:
-        if level == SOL_PACKET and kind == PACKET_AUXDATA:
-            status, _len, _snap, _mac, _net, tci, tpid = struct.unpack("IIIHHHH", cdata[:20])
-            if status & TP_STATUS_VLAN_VALID:
-                tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100
-                data = data[:12] + struct.pack("!HH", tpid, tci) + data[12:]
-    return data
-
-
 def main(ifname: str, sources: bytes = TEST_MAC_PREFIX) -> None:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-    sock.bind((ifname, 0))
+    sock = capture_socket(ifname)
     for line in sys.stdin:
         command, *args = line.split()
         if command == "send":
             sock.send(bytes.fromhex(args[0]))
             print("ok")
         elif command == "collect":
-            until, deadline = bytes.fromhex(args[0]), time.monotonic() + float(args[1])
-            seen = []
-            while (data := _receive(sock, deadline)) is not None:
-                if data[6:6 + len(sources)] == sources:
-                    seen.append(data.hex())
-                    if data[6:12] == until:
-                        break
-            print(json.dumps(seen))
+            seen = collect(sock, bytes.fromhex(args[0]), float(args[1]), sources=sources)
+            print(json.dumps([data.hex() for data in seen]))
         else:
             print("ready")
 

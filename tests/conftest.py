@@ -22,3 +22,7 @@ pytest_plugins.append("fixtures.debian_chroot")
 
 # A real guest (Debian kernel + busybox initramfs) for the data-path tests.
 pytest_plugins.append("fixtures.guest")
+
+# Real-kernel test files (pytestmark = pytest.mark.real_kernel) run inside a QEMU guest
+# booting Debian's kernel; each of their tests is reported here (fixtures/kernelvm.py).
+pytest_plugins.append("fixtures.kernelvm")

@@ -5,7 +5,6 @@ Kernel views (/proc, /sys, netlink) are the host's own; unix sockets are probed 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from pve_vhost_agent.model.host import HostMemory, Link

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from pve_vhost_agent import __version__
-from pve_vhost_agent.errors import AgentError, ExitCode
+from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.settings import DEFAULT_OVSDB, ENV_NODE, ENV_OVSDB, ENV_ROOT, Settings
 
 

@@ -164,7 +164,7 @@ def _follow(settings: Settings, declared: Declared, enabled: VmLocation | None) 
     args = vm_args(settings, vmid, update.after) if dry_run else apply_vm_args(settings, vmid, update.after)
     lines = [] if dry_run else make_socket_folders(settings, update.after.for_vm(vmid))
     before, after = update.before.for_vm(vmid), update.after.for_vm(vmid)
-    if enabled.running and any(n.backend is spec.Backend.OVS for n in (*before.nics, *after.nics)):
+    if enabled.running and (before.ovs_nics or after.ovs_nics):
         try:
             lines += follow_running_vm(settings, after, dry_run)
         except OvsUnavailable as err:

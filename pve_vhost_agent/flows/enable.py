@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pve_vhost_agent.adapters import pvefs
 from pve_vhost_agent.adapters import sockets
 from pve_vhost_agent.adapters import storage as storagecfg
 from pve_vhost_agent.plan.args import ArgsPlan

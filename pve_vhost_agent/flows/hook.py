@@ -174,7 +174,7 @@ def run_phase(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig |
 
 def roll_back(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig | None) -> None:
     """Undo a pre-start whose start is aborted after it (no other hook will run)."""
-    if any(nic.backend is Backend.OVS for nic in vm.nics):
+    if vm.ovs_nics:
         run_phase(settings, dataclasses.replace(call, phase="post-stop"), vm, config)
 
 
@@ -204,7 +204,7 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
 def _pre_start(ctx: HookContext) -> None:
     settings, vm = ctx.settings, ctx.vm
     config = _config_at_start(ctx)
-    needs_ovs = bool(vm.tap_qinq) or any(nic.backend is Backend.OVS for nic in vm.nics)
+    needs_ovs = bool(vm.tap_qinq or vm.ovs_nics)
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_vm_ovsdb(settings, vm.vmid)) if needs_ovs else None
         plan = plan_pre_start(_observe_start(settings, ctx.call, vm, config, db))
@@ -264,7 +264,7 @@ def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
 
 def _post_start(ctx: HookContext) -> None:
     vm = served_spec(ctx.vm, start_config(ctx.config, ctx.call.migrated_from)) if ctx.config else ctx.vm
-    if not vm.tap_qinq and not any(nic.backend is Backend.OVS for nic in vm.nics):
+    if not vm.tap_qinq and not vm.ovs_nics:
         return
     links = _tap_links(ctx) if vm.tap_qinq else None
     uplinks = [name for name, link in (links or {}).items() if is_uplink(link)]
@@ -353,8 +353,8 @@ def _await_ports_open(ctx: HookContext, db: Ovsdb, vm: VmSpec) -> None:
                              "/var/log/openvswitch/ovs-vswitchd.log), then start the VM again")
         remaining = deadline - time.monotonic()
         if not waiting:
-            ctx.log.info("ovs-vswitchd opened %s", ", ".join(nic.port_name for nic in vm.nics
-                                                            if nic.backend is Backend.OVS), extra={"result": "ok"})
+            ctx.log.info("ovs-vswitchd opened %s", ", ".join(nic.port_name for nic in vm.ovs_nics),
+                         extra={"result": "ok"})
             return
         if remaining <= 0:
             raise AgentTimeout(f"VM {vm.vmid}: ovs-vswitchd has not opened {', '.join(waiting)} "

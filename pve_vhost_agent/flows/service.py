@@ -193,8 +193,11 @@ class Service:
             if self._db is None and any(a.target == OVS for a in actions):
                 raise OvsUnavailable(f"no connection to OVSDB at {self.settings.ovsdb}", UNREACHABLE_FIX)
             # Never wait for a VM's lock: whoever holds it is changing the VM; look next pass.
+            # Nor for ovs-vswitchd to take the last step: nothing here depends on it (a
+            # start's QEMU does, the hook waits for that), and the next pass observes anew;
+            # an OVS-DPDK creating thousands of ports takes minutes.
             fast = dataclasses.replace(self.settings, lock_timeout=0)
-            apply_plan(fast, actions, log, db=self._db, guards=plan.guards,
+            apply_plan(fast, actions, log, db=self._db, guards=plan.guards, wait=False,
                        write_args=lambda action: self._write_args(action, state.spec))
         except AgentError as err:
             return [Problem.of(err, vmids[0] if len(vmids) == 1 else None)]

@@ -15,7 +15,7 @@ from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import ArgsSync, sync_args
 from pve_vhost_agent.errors import AgentError, NotEnabled
 from pve_vhost_agent.settings import Settings
-from pve_vhost_agent.model.spec import Backend, ClusterSpec, VmSpec
+from pve_vhost_agent.model.spec import ClusterSpec, VmSpec
 from pve_vhost_agent.adapters.specstore import load_spec
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
 from pve_vhost_agent.model.names import is_agent_hook

@@ -102,11 +102,29 @@ class VlanPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
-class VhostNic:
-    """A vhost-user NIC of a VM. `index` is the Proxmox NIC number N of `netN`."""
+class NicEntry:
+    """What every declared NIC has: its VM and its index N (the VM config's `netN`)."""
 
     vmid: int
     index: int
+
+    def __post_init__(self) -> None:
+        check_vmid(self.vmid)
+        check_nic_index(self.index)
+
+    @property
+    def name(self) -> str:
+        return names.nic_name(self.index)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.vmid, self.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class VhostNic(NicEntry):
+    """A vhost-user NIC of a VM."""
+
     bridge: str
     mac: str
     backend: Backend = Backend.OVS
@@ -117,8 +135,7 @@ class VhostNic:
     mtu: int | None = None
 
     def __post_init__(self) -> None:
-        check_vmid(self.vmid)
-        check_nic_index(self.index)
+        super().__post_init__()
         check_ifname(self.bridge, "bridge")
         object.__setattr__(self, "mac", check_mac(self.mac))
         if not 1 <= self.queues <= QUEUES_MAX:
@@ -131,14 +148,6 @@ class VhostNic:
                 )
         if self.mtu is not None and not MTU_MIN <= self.mtu <= MTU_MAX:
             raise SpecError(f"MTU {self.mtu} is outside {MTU_MIN}-{MTU_MAX}", f"give --mtu between {MTU_MIN} and {MTU_MAX}")
-
-    @property
-    def name(self) -> str:
-        return names.nic_name(self.index)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.vmid, self.index)
 
     @property
     def port_name(self) -> str:
@@ -161,24 +170,10 @@ class VhostNic:
 
 
 @dataclasses.dataclass(frozen=True)
-class TapQinQ:
+class TapQinQ(NicEntry):
     """QinQ for one of Proxmox's own tap NICs (`netN` in the VM config, on an OVS bridge)."""
 
-    vmid: int
-    index: int
     qinq: QinQ
-
-    def __post_init__(self) -> None:
-        check_vmid(self.vmid)
-        check_nic_index(self.index)
-
-    @property
-    def name(self) -> str:
-        return names.nic_name(self.index)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.vmid, self.index)
 
     @property
     def port_name(self) -> str:
@@ -221,6 +216,11 @@ class VmSpec:
     def __bool__(self) -> bool:
         """True when the agent has work for this VM (a chained hook alone is not work)."""
         return bool(self.nics or self.tap_qinq)
+
+    @property
+    def ovs_nics(self) -> tuple[VhostNic, ...]:
+        """The vhost-user NICs whose port the agent makes in OVS-DPDK (backend ovs)."""
+        return tuple(nic for nic in self.nics if nic.backend is Backend.OVS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +272,8 @@ class ClusterSpec:
         return sorted({e.vmid for e in (*self.nics, *self.tap_qinq)})
 
     def for_vm(self, vmid: int) -> VmSpec:
-        return self._by_vm.get(vmid) or VmSpec(vmid)
+        found = self._by_vm.get(vmid)  # not `or`: a VM with only a chained hook is a falsy VmSpec
+        return found if found is not None else VmSpec(vmid)
 
     def with_hook(self, vmid: int, hookscript: str | None) -> "ClusterSpec":
         """A copy where VM `vmid` chains `hookscript` (None: chains nothing)."""

@@ -11,7 +11,6 @@ The warning says early, in the task log, that this start is likely to end badly.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 from pve_vhost_agent.formats.vmlayout import MemoryLayout
 from pve_vhost_agent.model.host import HostMemory

@@ -85,7 +85,7 @@ def plan_pre_start(view: StartView) -> StartPlan:
         for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):
             actions += _socket_folder(view.folders[backend])
         _check_external_servers(view, vm)
-    ovs_nics = tuple(nic for nic in vm.nics if nic.backend is Backend.OVS)
+    ovs_nics = vm.ovs_nics
     if (ovs_nics or vm.tap_qinq) and view.ovs is None:
         raise view.ovs_error or OvsUnavailable("Open vSwitch was not read", "this is a bug: report it")
     if vm.tap_qinq:
@@ -117,9 +117,7 @@ def post_start_report(vm: VmSpec, state: OvsState, links: Mapping[str, Link] | N
     (OVS says `connected` only once the guest's driver runs: reported, not waited for), and
     the QinQ taps and their bridges' uplinks (`links` None: they could not be read)."""
     notes, warnings = [], []
-    for nic in vm.nics:
-        if nic.backend is not Backend.OVS:
-            continue
+    for nic in vm.ovs_nics:
         port = state.port(nic.port_name)
         iface = port.interface if port else None
         if iface is None:

@@ -20,7 +20,7 @@ from typing import Mapping
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.formats import qemuargs
-from pve_vhost_agent.model.actions import Action, DelPort, DelSocket, RestoreTapVlan, WriteVmArgs
+from pve_vhost_agent.model.actions import Action, DelSocket, WriteVmArgs
 from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_READ_ONLY
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend

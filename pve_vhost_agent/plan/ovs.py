@@ -23,7 +23,7 @@ from pve_vhost_agent.model.actions import (
     ReplaceVhostPort, RestoreTapVlan, SetPortMtu, SetPortVlan, SetTapQinQ, SetVlanLimit,
 )
 from pve_vhost_agent.model.ovs import RESTART_FIX, OWNS_DATAPATH, OWNS_PORT, OWNS_VLAN, VHOST_CLIENT, OvsPort, OvsState, PortVlan
-from pve_vhost_agent.model.spec import Backend, VhostNic, VlanPolicy, VmSpec
+from pve_vhost_agent.model.spec import VhostNic, VlanPolicy, VmSpec
 
 VHOST_DATAPATH = "netdev"  # vhost-user ports need the userspace datapath
 QINQ_VLAN_LIMIT = 2
@@ -41,7 +41,7 @@ def plan_vhost_ports(
 
     Owned vhost-user ports of the VM that the spec no longer lists are deleted.
     """
-    nics = tuple(n for n in spec.nics if n.backend is Backend.OVS)
+    nics = spec.ovs_nics
     if nics:
         _check_vhost_support(state)
     bridges: list[Action] = []

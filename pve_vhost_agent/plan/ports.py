@@ -9,15 +9,13 @@ not open would hang the start, so pre-start refuses it with OVS's own words.
 from __future__ import annotations
 
 from pve_vhost_agent.model.ovs import OvsState
-from pve_vhost_agent.model.spec import Backend, VmSpec
+from pve_vhost_agent.model.spec import VmSpec
 
 
 def port_problems(vm: VmSpec, state: OvsState) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(problems, ports ovs-vswitchd has not reported on yet) for `vm`'s `ovs` NICs."""
     problems, waiting = [], []
-    for nic in vm.nics:
-        if nic.backend is not Backend.OVS:
-            continue
+    for nic in vm.ovs_nics:
         port = state.port(nic.port_name)
         iface = port.interface if port else None
         if iface is None:

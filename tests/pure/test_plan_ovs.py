@@ -3,7 +3,7 @@
 import pytest
 
 from builders import (
-    DPDK_TYPES, MAC, PVE_TAG_20, QINQ_950, SOCKETS, TUNNEL_950, ids, nic, ovs_state, tap_port, vhost_port,
+    PVE_TAG_20, QINQ_950, SOCKETS, TUNNEL_950, ids, nic, ovs_state, tap_port, vhost_port,
 )
 
 from pve_vhost_agent.errors import NotFound, OvsRefused, OwnershipError
@@ -15,10 +15,10 @@ from pve_vhost_agent.plan.ovs import (
     plan_gc, plan_live_vhost_ports, plan_tap_qinq, plan_vhost_ports, plan_vm, plan_vm_removal,
 )
 from pve_vhost_agent.model.ovs import (
-    FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan,
+    FrozenMap, OvsBridge, OvsPort, PortVlan,
 )
 from pve_vhost_agent.model.spec import (
-    Backend, EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec,
+    Backend, EtherType, QinQ, TapQinQ, VlanPolicy, VmSpec,
 )
 
 state = ovs_state

@@ -3,7 +3,7 @@
 import pytest
 
 from pve_vhost_agent.errors import StaleArgs
-from pve_vhost_agent.model.ovs import FrozenMap, OvsInterface, OvsPort, OvsState
+from pve_vhost_agent.model.ovs import OvsInterface, OvsPort, OvsState
 from pve_vhost_agent.plan.ports import port_problems
 from pve_vhost_agent.model.spec import Backend, VhostNic, VmSpec
 from pve_vhost_agent.plan.start import served_spec, stale_args, start_config
