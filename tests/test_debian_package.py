@@ -157,6 +157,16 @@ def test_man_page_documents_every_command(chroot):
         assert option in text
     for command in cli_commands(chroot):
         assert f'.SS "pve-vhost-agent {command}' in text, f"{command} is not in the man page"
+    for section in ("EXIT STATUS", "ENVIRONMENT", "FILES", "HOOK PHASES", "JOURNAL FIELDS", "EXAMPLES"):
+        assert f".SH {section}" in text, section
+
+
+def test_the_readme_and_the_service_settings_are_installed(chroot):
+    readme = gzip.decompress(chroot.path("/usr/share/doc/pve-vhost-agent/README.md.gz").read_bytes()).decode()
+    assert readme.startswith("# pve-vhost-agent")
+    settings = chroot.path("/etc/default/pve-vhost-agent").read_text()
+    assert "#PVE_VHOST_AGENT_INTERVAL=10" in settings
+    assert "/etc/default/pve-vhost-agent" in chroot.run("dpkg-query", "-W", "-f=${Conffiles}", PACKAGE).stdout
 
 
 def test_bash_completion_completes_options_and_commands(chroot):
