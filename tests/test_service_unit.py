@@ -216,7 +216,7 @@ def wait_for(condition, what: str, timeout: float = 15) -> None:
 class Container:
     """Commands inside the booted container (as `machinectl shell` would, without machined)."""
 
-    def __init__(self, nspawn: subprocess.Popen, timeout: float = 30):
+    def __init__(self, nspawn: subprocess.Popen, timeout: float = 90):  # a loaded 2-core machine boots slowly
         deadline = time.monotonic() + timeout
         self.init = None
         while self.init is None:
