@@ -218,23 +218,29 @@ class Container:
 
     def __init__(self, nspawn: subprocess.Popen, timeout: float = 90):  # a loaded 2-core machine boots slowly
         deadline = time.monotonic() + timeout
-        self.init = None
-        while self.init is None:
-            children = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children")
-            pids = children.read_text().split() if children.exists() else []
-            if pids:
-                self.init = int(pids[0])
-            elif nspawn.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"systemd-nspawn did not boot: {nspawn.stderr.read() if nspawn.poll() is not None else ''}")
-            else:
-                time.sleep(0.05)
+        self.nspawn = nspawn
+        self.init = self._init_pid()
         # systemd answers once it is up far enough to take jobs.
         while self.run("systemctl", "is-system-running").stdout.strip() in ("", "offline", "initializing"):
+            if nspawn.poll() is not None:
+                raise AssertionError(f"systemd-nspawn ended ({nspawn.returncode}): {nspawn.stderr.read()}")
             if time.monotonic() > deadline:
                 raise AssertionError("the container's systemd did not come up")
             time.sleep(0.1)
+            # nspawn's first child may be a short-lived helper that forks the container's init.
+            self.init = self._init_pid()
+
+    def _init_pid(self) -> int | None:
+        """The container's PID 1 as the host sees it: nspawn's child (None until there is one)."""
+        children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
+        pids = children.read_text().split() if children.exists() else []
+        if not pids and self.nspawn.poll() is not None:
+            raise AssertionError(f"systemd-nspawn did not boot: {self.nspawn.stderr.read()}")
+        return int(pids[0]) if pids else None
 
     def run(self, *argv: str) -> subprocess.CompletedProcess:
+        if self.init is None:
+            return subprocess.CompletedProcess(argv, 1, "", "no container init yet")
         return subprocess.run(["nsenter", "-t", str(self.init), "-m", "-u", "-i", "-n", "-p", *argv],
                               capture_output=True, text=True, timeout=60)
 
