@@ -143,7 +143,7 @@ def test_every_module_imports_under_the_suite_python(chroot):
 
 def test_hookscript_is_shipped_and_copied_to_the_snippets_folder(chroot):
     shipped, snippet = chroot.path(SHIPPED), chroot.path(SNIPPET)
-    assert shipped.read_text().startswith("#!/usr/bin/python3\n")
+    assert shipped.read_text().startswith("#!/usr/bin/python3 -I\n")  # isolated (README, "The hookscript")
     assert shipped.stat().st_mode & 0o777 == 0o755
     assert snippet.read_bytes() == shipped.read_bytes()
     assert snippet.stat().st_mode & 0o777 == 0o755
