@@ -176,7 +176,8 @@ def test_reload_sighup_any_unasked_exit_and_a_hung_pass_are_handled(workdir, fre
     ovs = fresh_ovs("h6svwd")
     pve = pve_folder(workdir)
     conf = pve / "nodes/pve1/qemu-server/100.conf"
-    with container(workdir, ovs, pve=pve, dropin="WatchdogSec=4s\nRestartSec=1s\n",
+    # WatchdogSec shortened to 15 s (a normal pass on a loaded machine still fits in it).
+    with container(workdir, ovs, pve=pve, dropin="WatchdogSec=15s\nRestartSec=1s\n",
                    default="PVE_VHOST_AGENT_INTERVAL=3600\n") as inside:
         assert inside.systemctl("start", "pve-vhost-agent").returncode == 0
         wait_for(lambda: "size=2048M" in conf.read_text(), "the first pass's args")
@@ -186,23 +187,24 @@ def test_reload_sighup_any_unasked_exit_and_a_hung_pass_are_handled(workdir, fre
         assert inside.systemctl("reload", "pve-vhost-agent").returncode == 0
         wait_for(lambda: "size=4096M" in conf.read_text(), "a pass right after `systemctl reload`")
         conf.write_text(conf.read_text().replace("memory: 4096", "memory: 1024"))
-        assert inside.systemctl("kill", "-s", "HUP", "pve-vhost-agent").returncode == 0
+        # --kill-whom=main: the service's own process (not a reload's kill still in the cgroup).
+        assert inside.systemctl("kill", "--kill-whom=main", "-s", "HUP", "pve-vhost-agent").returncode == 0
         wait_for(lambda: "size=1024M" in conf.read_text(), "a pass right after SIGHUP")
         assert (inside.show("ActiveState"), inside.show("MainPID"), inside.show("NRestarts")) == ("active", first, "0")
 
-        assert inside.systemctl("kill", "-s", "TERM", "pve-vhost-agent").returncode == 0
+        assert inside.systemctl("kill", "--kill-whom=main", "-s", "TERM", "pve-vhost-agent").returncode == 0
         wait_for(lambda: inside.show("NRestarts") == "1" and inside.show("ActiveState") == "active",
                  "a restart after a SIGTERM systemd did not send")
         assert inside.show("MainPID") != first
 
         os.mkfifo(pve / "nodes/pve1/qemu-server/101.conf")  # the next pass blocks opening it
         assert inside.systemctl("reload", "pve-vhost-agent").returncode == 0
-        wait_for(lambda: int(inside.show("NRestarts")) >= 2, "the watchdog's restart of a hung pass", timeout=30)
+        wait_for(lambda: int(inside.show("NRestarts")) >= 2, "the watchdog's restart of a hung pass", timeout=60)
         log = inside.run("journalctl", "-u", "pve-vhost-agent", "--no-pager").stdout
         assert "Watchdog timeout" in log, log[-3000:]
         (pve / "nodes/pve1/qemu-server/101.conf").unlink()
         wait_for(lambda: inside.show("ActiveState") == "active" and " ok; 0 problems" in inside.show("StatusText"),
-                 "the service back to normal", timeout=30)
+                 "the service back to normal", timeout=60)
 
 
 def wait_for(condition, what: str, timeout: float = 15) -> None:
