@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 7
     REFUSED = 8
     STALE = 9
+    CLUSTER_DOWN = 10  # /etc/pve is not mounted: pmxcfs (pve-cluster) is not running
 
 
 class AgentError(Exception):
@@ -50,6 +51,10 @@ class ConfigConflict(AgentError):
     """Spec and Proxmox VM config (or user args) contradict each other."""
 
     exit_code = ExitCode.CONFLICT
+
+
+class NotEnabled(ConfigConflict):
+    """Vhost-user args for a VM without the agent's hookscript: nothing would make its ports."""
 
 
 class MemoryLayoutError(AgentError):
@@ -86,6 +91,12 @@ class ClusterReadOnly(AgentError):
     """/etc/pve is read-only (no quorum)."""
 
     exit_code = ExitCode.REFUSED
+
+
+class ClusterFsDown(AgentError):
+    """/etc/pve is not mounted: pmxcfs is not running, so nothing there can be read."""
+
+    exit_code = ExitCode.CLUSTER_DOWN
 
 
 class StaleArgs(AgentError):

@@ -30,7 +30,7 @@ from pve_vhost_agent.errors import AgentError, ExitCode, VmBusy
 from pve_vhost_agent.flows import declare, hook as hookflow
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.specfile import format_spec, parse_spec
-from pve_vhost_agent.formats.storagecfg import parse_storage_paths
+from pve_vhost_agent.formats.storagecfg import parse_storages
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.model.fields import NicChange
 from pve_vhost_agent.model.spec import ClusterSpec, VmSpec
@@ -573,8 +573,8 @@ def test_any_vm_config_parses_back_byte_for_byte_and_is_planned_or_that_vms_prob
     [b"dir: local", b"\tpath /var/lib/vz", b"nfs: \xff", b"\tpath \xe9", b"lvm: x", b"\t", b"path /x", b""]),
     max_size=8).map(b"\n".join))
 def test_any_storage_cfg_bytes_are_read(data):
-    paths = parse_storage_paths(data.decode("utf-8", "surrogateescape"))
-    assert all(isinstance(k, str) for k in paths)
+    storages = parse_storages(data.decode("utf-8", "surrogateescape"))
+    assert all(isinstance(k, str) for k in storages) and storages["local"].path == "/var/lib/vz"
 
 
 NASTY = st.one_of(st.sampled_from([

@@ -3,6 +3,13 @@
 pmxcfs refuses chmod and chown (a file's mode comes from its path) but renames within a
 folder atomically, so a write is: temp file beside the target, fsync, rename. Without
 quorum the cluster file system refuses writes; that is reported as ClusterReadOnly.
+
+Whether pmxcfs serves /etc/pve at all is told by what it always shows (pve-cluster
+src/pmxcfs/pmxcfs.c, `create_symlinks`: the generated files `.version`, `.members`,
+`.vmlist`, ... exist whenever pmxcfs is mounted, whatever the cluster holds). When
+pve-cluster is down, /etc/pve is the bare mount point: an empty folder, in which every
+VM and declaration would look absent. Without quorum pmxcfs shows its folders with mode
+0555 instead of 0755 (src/pmxcfs/cfs-plug-memdb.c, `tree_entry_stat`), and refuses writes.
 Text is decoded with `surrogateescape` so that any byte a file holds is written back
 unchanged. A file larger than pmxcfs holds (1 MiB) cannot be a real one: it is refused
 before it is parsed, and so is anything but a regular file (a FIFO would block a read).
@@ -22,13 +29,47 @@ import stat
 from pathlib import Path
 from typing import Any, Callable
 
-from pve_vhost_agent.errors import AgentError, ClusterReadOnly, ConfigConflict
+from pve_vhost_agent.errors import AgentError, ClusterFsDown, ClusterReadOnly, ConfigConflict
+from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_OK, CLUSTER_FS_READ_ONLY
 
 MAX_FILE_SIZE = 1024 * 1024  # pmxcfs refuses larger files
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _TEMP_FILE = re.compile(r"(?P<target>.+)\.tmp\.(?P<pid>[0-9]{1,10})")
+PMXCFS_MARK = ".version"  # a file pmxcfs generates; absent from the bare mount point
+MOUNTED, NOT_MOUNTED, READ_ONLY = CLUSTER_FS_OK, CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_READ_ONLY
+CLUSTER_FIX = "systemctl status pve-cluster"
 
 log = logging.getLogger(__name__)
+
+
+def cluster_fs(pve_dir: Path) -> str:
+    """MOUNTED, NOT_MOUNTED (pmxcfs is not running) or READ_ONLY (no quorum)."""
+    if not (pve_dir / PMXCFS_MARK).exists():
+        return NOT_MOUNTED
+    try:
+        mode = (pve_dir / "nodes").stat().st_mode
+    except OSError:
+        return MOUNTED  # a node folder not made yet: nothing says read-only
+    return MOUNTED if mode & 0o200 else READ_ONLY
+
+
+def cluster_fs_error(pve_dir: Path) -> AgentError | None:
+    """What is wrong with /etc/pve as an error (None when pmxcfs serves it with quorum)."""
+    state = cluster_fs(pve_dir)
+    if state == NOT_MOUNTED:
+        return ClusterFsDown(f"{pve_dir} is not mounted (no {PMXCFS_MARK}): the cluster file system pmxcfs is not "
+                             "running, so no VM config nor declaration can be read", CLUSTER_FIX)
+    if state == READ_ONLY:
+        return ClusterReadOnly(f"{pve_dir} is read-only: this node has no quorum, so no VM config nor declaration "
+                               "can be changed", f"restore quorum (see `pvecm status`; {CLUSTER_FIX})")
+    return None
+
+
+def require_mounted(pve_dir: Path) -> None:
+    """Raise ClusterFsDown unless pmxcfs serves `pve_dir` (read-only is fine for reading)."""
+    err = cluster_fs_error(pve_dir)
+    if isinstance(err, ClusterFsDown):
+        raise err
 
 
 def read_text(path: Path) -> str | None:

@@ -62,6 +62,8 @@ def load_spec(settings: Settings, parsed: pvefs.ParsedFiles | None = None) -> Cl
     if legacy is not None:
         have = {vmid for vmid, _path in files}
         parts += [_only(legacy, vmid) for vmid in legacy.vmids() + [h.vmid for h in legacy.hooks] if vmid not in have]
+    elif not files:
+        pvefs.require_mounted(settings.pve_dir)  # "nothing declared" only when pmxcfs says so
     return _merged(parts)
 
 
@@ -174,6 +176,7 @@ def _merged(parts: list[ClusterSpec]) -> ClusterSpec:
 def cluster_lock(settings: Settings) -> Iterator[None]:
     """Hold the agent's cluster-wide lock folder, waiting at most settings.lock_timeout."""
     lock = settings.cluster_lock_dir
+    pvefs.require_mounted(settings.pve_dir)  # never make priv/lock in the bare mount point
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -55,6 +55,7 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
     for _attempt in range(3):
         paths = sorted(settings.nodes_dir().glob(f"*/qemu-server/{vmid}.conf"))
         if not paths:
+            pvefs.require_mounted(settings.pve_dir)  # an unmounted /etc/pve hides every VM
             raise NotFound(
                 f"VM {vmid} does not exist: no node has qemu-server/{vmid}.conf under {settings.nodes_dir()}",
                 "check the VM id with `qm list` (or `pvesh get /cluster/resources --type vm`)",

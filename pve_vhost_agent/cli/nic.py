@@ -79,12 +79,12 @@ def _report(settings: Settings, result: declare.Declared, what: str, as_json: bo
         click.echo(line)
 
 
-@click.group("nic", cls=Group)
+@click.group("nic", cls=Group, short_help="Declare vhost-user NICs of VMs.")
 def nic_group() -> None:
     """Declare vhost-user NICs of VMs (stored cluster-wide in /etc/pve)."""
 
 
-@nic_group.command("add")
+@nic_group.command("add", short_help="Declare a vhost-user NIC netN.")
 @click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.vhost_fields())
@@ -95,7 +95,7 @@ def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: boo
     _report(settings, declare.add_nic(settings, vmid, nic, _change(options), dry_run), "declared", as_json)
 
 
-@nic_group.command("set")
+@nic_group.command("set", short_help="Change a declared vhost-user NIC.")
 @click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.vhost_fields())
@@ -107,7 +107,7 @@ def nic_set(settings: Settings, vmid: int, nic: str, no_vlan: bool, dry_run: boo
     _report(settings, declare.set_nic(settings, vmid, nic, _change(options, no_vlan), dry_run), "changed", as_json)
 
 
-@nic_group.command("remove")
+@nic_group.command("remove", short_help="Remove a declared vhost-user NIC.")
 @click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_common
@@ -117,7 +117,7 @@ def nic_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: 
     _report(settings, declare.remove_nic(settings, vmid, nic, dry_run), "removed", as_json)
 
 
-@nic_group.command("list")
+@nic_group.command("list", short_help="List declared NICs.")
 @click.argument("vmid", type=VMID, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 @click.pass_obj
@@ -132,12 +132,12 @@ def nic_list(settings: Settings, vmid: int | None, as_json: bool) -> None:
         click.echo(f"{entry.vmid} {entry.name}: {entry.describe()}")
 
 
-@click.group("qinq", cls=Group)
+@click.group("qinq", cls=Group, short_help="Declare QinQ on Proxmox's tap NICs.")
 def qinq_group() -> None:
     """QinQ (dot1q-tunnel) for Proxmox's own tap NICs."""
 
 
-@qinq_group.command("set")
+@qinq_group.command("set", short_help="Declare QinQ for a tap NIC netN.")
 @click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.QINQ_FIELDS)
@@ -156,7 +156,7 @@ def qinq_set(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bo
     _report(settings, declare.set_tap_qinq(settings, vmid, nic, qinq, dry_run), "declared", as_json)
 
 
-@qinq_group.command("remove")
+@qinq_group.command("remove", short_help="Remove a tap NIC's QinQ.")
 @click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_common
@@ -166,11 +166,15 @@ def qinq_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json:
     _report(settings, declare.remove_tap_qinq(settings, vmid, nic, dry_run), "QinQ removed", as_json)
 
 
-@click.command("migrate-spec")
+@click.command("migrate-spec", short_help="Split the pre-0.2 spec file per VM.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def migrate_spec(settings: Settings) -> None:
+def migrate_spec(settings: Settings, as_json: bool) -> None:
     """Split the single spec file of versions before 0.2 into one file per VM (run on upgrade)."""
     moved = declare.migrate(settings)
+    if as_json:
+        click.echo(json.dumps({"moved_vms": moved, "spec_dir": str(settings.spec_dir)}, indent=2))
+        return
     click.echo(f"moved the declarations of {moved} VMs into {settings.spec_dir}" if moved
                else "nothing to move: the declarations are in one file per VM")
 

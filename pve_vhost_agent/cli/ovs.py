@@ -12,12 +12,12 @@ from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import check_vmid
 
 
-@click.group("ovs", cls=Group)
+@click.group("ovs", cls=Group, short_help="Show the agent's Open vSwitch ports.")
 def ovs_group() -> None:
     """Open vSwitch ports of the agent (read-only)."""
 
 
-@ovs_group.command("status")
+@ovs_group.command("status", short_help="A VM's ports and their state.")
 @click.argument("vmid", type=VMID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_obj

@@ -130,7 +130,7 @@ def disable(settings: Settings, vmid: int, dry_run: bool = False) -> list[str]:
         current = config.section(MAIN).get("hookscript")
         if is_agent_hook(current):
             config = config.with_value("hookscript", previous)
-        return sync_args(config, ArgsPlan(), vm_running(settings, vmid)).config_after
+        return sync_args(config, ArgsPlan(), vm_running(settings, vmid), marked=()).config_after  # GUI marks go too
 
     if dry_run:
         after = change(location.config)

@@ -22,6 +22,7 @@ from pve_vhost_agent.model.spec import Backend, ClusterSpec
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
 
+OVSDB_PROBLEM, CLUSTER_FS_PROBLEM = "ovsdb", "pmxcfs"  # problems that keep their identity while their words change
 # How the service reads Open vSwitch: given the scope, a snapshot or why there is none.
 OvsReader = Callable[[Scope], "tuple[OvsState | None, Problem | None]"]
 
@@ -43,7 +44,7 @@ def observe_ovs(db: Ovsdb, scope: Scope) -> tuple[OvsState | None, Problem | Non
             raise OvsUnavailable(f"lost the connection to OVSDB at {db.remote}", UNREACHABLE_FIX)
         return state, None
     except AgentError as err:
-        return None, Problem.of(err)
+        return None, Problem.of(err, key=OVSDB_PROBLEM)
 
 
 def ovs_scope(spec: ClusterSpec | None, vms: tuple[LocalVm, ...]) -> Scope:
@@ -65,12 +66,19 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
     caches = caches or Caches()
     problems = []
     spec: ClusterSpec | None
-    try:
-        spec = load_spec(settings, caches.specs)
-    except AgentError as err:
-        spec, problems = None, [Problem.of(err)]
-    vms, unreadable = _local_vms(settings, caches)
-    problems += unreadable
+    cluster_fs = pvefs.cluster_fs(settings.pve_dir)
+    fs_error = pvefs.cluster_fs_error(settings.pve_dir) if cluster_fs != pvefs.MOUNTED else None
+    if fs_error is not None:
+        problems.append(Problem.of(fs_error, key=CLUSTER_FS_PROBLEM))
+    if cluster_fs == pvefs.NOT_MOUNTED:  # an empty folder: no VM, no spec can be known
+        spec, vms = None, ()
+    else:
+        try:
+            spec = load_spec(settings, caches.specs)
+        except AgentError as err:
+            spec, problems = None, problems + [Problem.of(err)]
+        vms, unreadable = _local_vms(settings, caches)
+        problems += unreadable
     ovs, ovs_problem = read_ovs(ovs_scope(spec, vms))
     problems = ([ovs_problem] if ovs_problem else []) + problems
     socket_names = ovs_sockets(settings)
@@ -104,6 +112,7 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
         socket_dirs=settings.socket_dirs(),
         qemu_version=version,
         problems=tuple(problems),
+        cluster_fs=cluster_fs,
     )
 
 

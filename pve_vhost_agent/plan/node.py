@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from pve_vhost_agent.errors import AgentError, Unexpected
+from pve_vhost_agent.errors import AgentError, ExitCode, Unexpected
+from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.model.actions import Action, DelSocket, WriteVmArgs
+from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_READ_ONLY
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend
 from pve_vhost_agent.plan.args import plan_args
@@ -48,6 +50,10 @@ def plan_node(state: NodeState) -> NodePlan:
     (`deferred`): whoever holds the lock is changing it.
     """
     problems = list(state.problems)
+    if state.cluster_fs == CLUSTER_FS_NOT_MOUNTED:
+        # /etc/pve is an empty folder: every VM would look destroyed. Touch nothing.
+        return NodePlan(problems=tuple(problems))
+    writable = state.cluster_fs != CLUSTER_FS_READ_ONLY  # no quorum: no config can be written
     args: list[Action] = []
     ports: list[Action] = []
     later: list[str] = []
@@ -55,7 +61,7 @@ def plan_node(state: NodeState) -> NodePlan:
     if state.spec is not None:
         for vm in state.enabled_vms:
             try:
-                action = _args_action(vm, state)
+                action = _args_action(vm, state) if writable else None
                 if action:
                     args.append(action)
                 if vm.vmid in state.running and state.ovs is not None:
@@ -67,6 +73,7 @@ def plan_node(state: NodeState) -> NodePlan:
                 problems.append(Problem.of(err, vm.vmid))
             except Exception as err:  # noqa: BLE001 - a bug in one VM's planning must not stop the others'
                 problems.append(Problem.of(Unexpected.of(err), vm.vmid))
+    problems += [_not_enabled(vm) for vm in state.vms if not vm.enabled and _has_agent_netdevs(vm)]
     live = state.running | state.busy
     leftovers = _leftovers(state, live) + _stale_sockets(state, live)
     guards.update({a.vmid: False for a in leftovers})
@@ -80,6 +87,22 @@ def plan_node(state: NodeState) -> NodePlan:
         tuple(sorted(deferred)),
         tuple(later),
     )
+
+
+def _has_agent_netdevs(vm: LocalVm) -> bool:
+    """The next start would give QEMU the agent's vhost-user netdevs."""
+    try:
+        words = qemuargs.agent_args(vm.config.effective().get("args", ""))
+    except AgentError:
+        return False  # a line the agent cannot read is reported where it plans for the VM
+    return any(word.startswith("type=vhost-user") for word in words)
+
+
+def _not_enabled(vm: LocalVm) -> Problem:
+    """Agent args without the agent's hookscript: nothing makes the ports, QEMU waits."""
+    return Problem(vm.vmid, f"VM {vm.vmid} has the agent's vhost-user args but not its hookscript: it would start with "
+                            f"a dead NIC (nothing makes its port); run `pve-vhost-agent enable {vm.vmid}` or `enable --all`",
+                   int(ExitCode.CONFLICT), "not-enabled")
 
 
 def _live_ports(vm: LocalVm, state: NodeState) -> tuple[tuple[Action, ...], tuple[str, ...]]:
@@ -100,7 +123,7 @@ def _args_action(vm: LocalVm, state: NodeState) -> WriteVmArgs | None:
         return None  # the node's QEMU problem is reported once, in state.problems
     # The same planning as `apply` (vmargs.sync_for), on the same inputs.
     plan = plan_args(spec, vm.config.effective(), state.qemu_version or (0, 0, 0), state.socket_dirs)
-    sync = sync_args(vm.config, plan, vm.vmid in state.running)
+    sync = sync_args(vm.config, plan, vm.vmid in state.running, spec.nics)  # an enabled VM: GUI marks too
     if sync.in_sync:
         return None
     return WriteVmArgs(vm.vmid, "; ".join(sync.changes))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 from typing import Sequence
 
+from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED
 from pve_vhost_agent.model.ovs import OWNS_PORT, OWNS_VLAN
 from pve_vhost_agent.plan.node import NodePlan
 from pve_vhost_agent.plan.observed import NodeState, Problem
@@ -19,7 +20,8 @@ def node_summary(state: NodeState, plan: NodePlan, failures: Sequence[Problem] =
     """Counts and problems as plain values (the `--json` form)."""
     enabled = state.enabled_vms
     summary: dict = {
-        "vms": len(enabled),
+        "cluster_fs": state.cluster_fs,
+        "vms": len(enabled) if state.cluster_fs != CLUSTER_FS_NOT_MOUNTED else None,
         "running": sum(1 for vm in enabled if vm.vmid in state.running),
         "ovs": "ok" if state.ovs is not None else "unreachable",
         "vhost_ports": None,
@@ -40,7 +42,10 @@ def node_summary(state: NodeState, plan: NodePlan, failures: Sequence[Problem] =
 
 def status_line(summary: dict, when: datetime.datetime, label: str = "last pass") -> str:
     """One line: VMs, ports, when and whether all was well, problems (the first one named)."""
-    vms = f"{_count(summary['vms'], 'VM')} ({summary['running']} running)"
+    if summary["vms"] is None:
+        vms = f"VMs unknown (/etc/pve {summary['cluster_fs']})"
+    else:
+        vms = f"{_count(summary['vms'], 'VM')} ({summary['running']} running)"
     if summary["ovs"] == "ok":
         ports = (f"{_count(summary['vhost_ports'], 'vhost-user port')} ({summary['connected']} connected), "
                  f"{_count(summary['qinq_taps'], 'QinQ tap')}")

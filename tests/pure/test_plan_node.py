@@ -15,6 +15,7 @@ from pve_vhost_agent.plan.node import NodePlan, plan_node
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.model.spec import Backend, ClusterSpec, QinQ, TapQinQ, VhostNic
 from pve_vhost_agent.formats.vmconfig import VmConfig
+from pve_vhost_agent.plan.marks import with_marks
 
 RUN = Path("/run/pve-vhost-agent")
 DIRS = {b: RUN / b.value for b in Backend}
@@ -38,6 +39,8 @@ def config(vmid=100, body=BASE, hook=True, synced=True, memory_in_args=None) -> 
             effective["memory"] = str(memory_in_args)
         plan = plan_args(SPEC.for_vm(vmid), effective, QEMU, DIRS)
         text += f"args: {merge_agent_args('', plan.args)}\n"
+        if hook:  # an enabled VM in step carries the GUI marks too
+            text = with_marks(VmConfig.parse(text), SPEC.for_vm(vmid).nics).text
     return LocalVm(vmid, VmConfig.parse(text))
 
 

@@ -48,6 +48,7 @@ def changed_lines(before: str, after: str) -> list[str]:
     return [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-"]
 
 
+@pytest.mark.peer
 def test_corpus_is_there():
     # The peer corpus is the real-world input: a missing folder must not pass silently.
     assert len(CORPUS) > 90
