@@ -6,7 +6,8 @@ import json
 
 import click
 
-from pve_vhost_agent.cli.common import VMID
+from pve_vhost_agent.cli.common import STORAGE, VMID
+from pve_vhost_agent.formats.vmconfig import MAIN
 from pve_vhost_agent.errors import AgentError, ExitCode, NotEnabled
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.flows import adopt as adopt_flow
@@ -160,18 +161,22 @@ def args_lines(result: VmArgs, dry_run: bool) -> list[str]:
               help="OVS bridge of adopted NICs whose socket QEMU served (a hand-written line does not name it).")
 @click.option("--patched-qinq", is_flag=True,
               help="Read NICs with tag + trunks as the patched Network.pm does: QinQ with S-tag = tag, C-VLANs = trunks.")
+@click.option("--storage", type=STORAGE, default="local", show_default=True, help="Storage holding the hookscript.")
 @click.option("--dry-run", is_flag=True, help="Show the whole plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.pass_obj
-def adopt(settings: Settings, vmid: int | None, all_vms: bool, bridge: str, patched_qinq: bool, dry_run: bool,
-          as_json: bool) -> None:
-    """Turn hand-written vhost-user args (the TNSR recipe) into declared NICs, keeping MACs and your other args."""
+def adopt(settings: Settings, vmid: int | None, all_vms: bool, bridge: str, patched_qinq: bool, storage: str,
+          dry_run: bool, as_json: bool) -> None:
+    """Turn hand-written vhost-user args (the TNSR recipe) into declared NICs, keeping MACs and your other args.
+
+    The VM is enabled in the same write, as `enable` does it (a hookscript it had runs
+    after the agent's)."""
     if (vmid is None) == (not all_vms):
         raise click.UsageError("give either VMID or --all")
     if all_vms:
-        results = adopt_flow.adopt_all(settings, bridge, patched_qinq, dry_run)
+        results = adopt_flow.adopt_all(settings, bridge, patched_qinq, dry_run, storage)
     else:
-        results = [(vmid, adopt_flow.adopt(settings, vmid, bridge, patched_qinq, dry_run))]
+        results = [(vmid, adopt_flow.adopt(settings, vmid, bridge, patched_qinq, dry_run, storage))]
     rows, code = [], ExitCode.OK
     for one, result in results:
         if isinstance(result, AgentError):
@@ -183,6 +188,8 @@ def adopt(settings: Settings, vmid: int | None, all_vms: bool, bridge: str, patc
         plan = result.plan
         rows.append({"vmid": one, "nics": [n.name for n in plan.nics], "qinq": [q.name for q in plan.tap_qinq],
                      "notes": list(plan.notes), "refusals": list(plan.refusals), "written": result.written,
+                     "hookscript": result.config_after.section(MAIN).get("hookscript") if result.config_after else None,
+                     "chained_hookscript": result.chained,
                      "args": result.config_after.effective().get("args") if result.config_after else None})
         if plan.refusals:
             code = ExitCode.CONFLICT if code == ExitCode.OK else ExitCode.FAILURE
@@ -200,6 +207,9 @@ def _adopt_lines(result) -> list[str]:
         return [f"VM {vmid}: cannot adopt: {why}" for why in plan.refusals] + [f"VM {vmid}: nothing was written"]
     verb = "dry run: would declare" if result.dry_run else "declared"
     lines = [f"VM {vmid}: {verb} {note}" for note in plan.notes]
+    hook = result.config_after.section(MAIN).get("hookscript")
+    lines.append(f"VM {vmid}: hookscript {'would be' if result.dry_run else 'is'} {hook}"
+                 + (f"; its own {result.chained} runs after the agent's, in every phase" if result.chained else ""))
     args = result.config_after.effective().get("args") or "(none)"
     where = "would become" if result.dry_run else "is now"
     lines.append(f"VM {vmid}: its args line {where}: {args}")

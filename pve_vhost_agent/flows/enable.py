@@ -22,7 +22,7 @@ from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.adapters.specstore import load_spec, update_spec
 from pve_vhost_agent.flows.vmargs import qemu_version_for, sync_for
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
-from pve_vhost_agent.adapters.vmstore import check_writable, find_vm, update_vm_config, vm_running
+from pve_vhost_agent.adapters.vmstore import VmLocation, check_writable, find_vm, update_vm_config, vm_running
 
 # The checkout's copy first (tests, demo), then the package's.
 HOOK_SOURCES = (
@@ -59,19 +59,29 @@ def install(settings: Settings, storage: str, dry_run: bool = False) -> tuple[Pa
     return target, True
 
 
+def check_enable(settings: Settings, location: VmLocation, vm: VmSpec, again: str) -> str | None:
+    """Refuse, before anything is installed or written, what would make an enabled VM
+    fail: another node's VM, one Proxmox has locked, a hookscript of its own that Proxmox
+    could not run (the agent's chains it in every phase), a socket folder its start would
+    refuse. The VM's own hookscript to chain, if it has one; `again` is the command to rerun."""
+    check_writable(location)
+    before = location.config.section(MAIN).get("hookscript")
+    chained = before if before and not is_agent_hook(before) else None
+    if chained:
+        storagecfg.runnable_snippet(settings, chained, f"VM {vm.vmid}'s hookscript",
+                                    f"restore it, or take it off the VM (qm set {vm.vmid} --delete hookscript), "
+                                    f"then run `{again}` again")
+    for folder in _socket_folders(settings, vm):
+        sockets.check_folder(folder)
+    return chained
+
+
 def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -> list[str]:
     ours = hook_volume(storage)
     location = find_vm(settings, vmid)
-    check_writable(location)  # another node's VM, or one Proxmox has locked: refused before anything is installed
-    before = location.config.section(MAIN).get("hookscript")
-    if before and not is_agent_hook(before):  # chained in every phase: it must be one Proxmox could run
-        storagecfg.runnable_snippet(settings, before, f"VM {vmid}'s hookscript",
-                                    f"restore it, or take it off the VM (qm set {vmid} --delete hookscript), "
-                                    f"then run `pve-vhost-agent enable {vmid}` again")
     cluster = load_spec(settings)
     vm = cluster.for_vm(vmid)
-    for folder in _socket_folders(settings, vm):
-        sockets.check_folder(folder)  # one its start would refuse: refused before anything is written
+    before = check_enable(settings, location, vm, f"pve-vhost-agent enable {vmid}")
     # Plan before writing anything: a VM the agent must refuse gets nothing written.
     version = qemu_version_for(settings, vm)  # once, before the lock: nothing slow runs while it is held
     planned = sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running), version)
@@ -79,13 +89,13 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
     if dry_run:
         lines = [f"dry run: VM {vmid}: would " + ("install the hookscript at {path} and " if installs else "")
                  .format(path=path) + f"set hookscript: {ours}"]
-        if before and not is_agent_hook(before):
+        if before:
             lines.append(f"dry run: VM {vmid}: would run its hookscript {before} after the agent's")
         if not planned.in_sync:
             lines.append(f"dry run: VM {vmid}: would write args: {planned.line_after or '(none)'}")
         return lines
     lines = []
-    if before and not is_agent_hook(before):
+    if before:
         update_spec(settings, lambda spec: spec.with_hook(vmid, before))
         lines.append(f"VM {vmid}: its hookscript {before} will run after the agent's, in every phase")
 
