@@ -59,6 +59,9 @@ class Settings:
     # thousands of ports) needs some seconds, and a remote migration allows its target
     # start 40 s at least (qemu-server config_aware_timeout + 10).
     ovs_timeout: float = 30.0
+    # A wait for ovs-vswitchd goes on past ovs_timeout while its process keeps working,
+    # up to this (Proxmox's own bound for resuming a VM; model/vswitchd).
+    ovs_busy_timeout: float = 300.0
 
     @classmethod
     def checked(cls, root: str | Path | None, ovsdb: str | None, node: str | None) -> "Settings":
