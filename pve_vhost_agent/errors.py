@@ -112,6 +112,13 @@ class OvsRefused(AgentError):
     exit_code = ExitCode.REFUSED
 
 
+class NetworkRefused(AgentError):
+    """The host's Linux networking cannot hold what the spec asks (no uplink, uplink MTU,
+    a device name or VLAN that someone else has)."""
+
+    exit_code = ExitCode.REFUSED
+
+
 class VmBusy(AgentTimeout):
     """Proxmox's lock of the VM is held by someone else (a start, stop, migration or `qm set`)."""
 
