@@ -12,6 +12,7 @@ from typing import Mapping
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
+from pve_vhost_agent.model.links import LinkState
 from pve_vhost_agent.model.names import is_agent_hook
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
@@ -68,6 +69,7 @@ class NodeState:
     socket_dirs: Mapping[Backend, Path] = dataclasses.field(default_factory=dict)
     qemu_version: tuple[int, int, int] | None = None
     problems: tuple[Problem, ...] = ()
+    links: LinkState | None = None  # the host's links (QinQ on Linux bridges); None: not read
 
     @property
     def enabled_vms(self) -> tuple[LocalVm, ...]:
