@@ -233,10 +233,19 @@ def test_a_vlan_aware_bridge_with_a_bond_802_1ad_and_802_1q_s_tags_next_to_plain
     report = Service(host.settings).check()
     assert report.summary()["qinq_taps"] == 2 and not report.plan.actions, report.plan.actions
 
+    # `qinq remove` while VM 100 runs: its tap goes back to Proxmox's VLAN 950, then its
+    # S-VLAN devices go (no QinQ tap uses them any more).
+    declare.remove_tap_qinq(host.settings, 100, "net0", dry_run=False)
+    Service(host.settings).run_pass()
+    assert host.master("tap100i0") == "vmbr0" and host.alias("tap100i0") == ""
+    assert wire_from(qinq_ad, frame(mac(21), (Q, 30)), frame(mac(22))) == ["16:8100/950"]
+    Service(host.settings).run_pass()
+    assert not {name for name in host.links() if name.startswith("vmbr0a")}
+
     host.stop(100)
     host.stop(102)
     assert not {name for name in host.links() if name.startswith(("vmbr0a", "vmbr0q"))}
-    assert guest_from(plain_20, frame(mac(21), (Q, 20))) == ["15:"]
+    assert guest_from(plain_20, frame(mac(23), (Q, 20))) == ["17:"]
 
 
 def test_a_traditional_bridge_keeps_proxmoxs_vlan_bridges_and_the_service_takes_a_replugged_tap_back(host):
@@ -266,6 +275,14 @@ def test_a_traditional_bridge_keeps_proxmoxs_vlan_bridges_and_the_service_takes_
     assert "was=vmbr0v951" in host.alias("tap100i0") and report.summary()["qinq_taps"] == 2
     assert wire_from(qinq_ad, frame(mac(13), (Q, 10))) == ["0d:88a8/950 8100/10"]
 
+    # `qinq set 102 net0 --qinq 960 --cvlans 10,11 --ethertype 802.1q` while it runs: new filters.
+    declare.set_tap_qinq(host.settings, 102, "net0", QinQ(960, (10, 11), EtherType.DOT1Q), dry_run=False)
+    report = Service(host.settings).run_pass()
+    assert [str(p) for p in report.problems if "OVSDB" not in str(p)] == [], report.line()
+    assert "cvlans=10-11" in host.alias("tap102i0"), host.alias("tap102i0")
+    assert wire_from(qinq_q, frame(mac(14)), frame(mac(15), (Q, 12)),
+                     frame(mac(16), (Q, 11))) == ["10:8100/960 8100/11"]
+
     # VM 100 migrates away (no post-stop on this node): the service removes what was its.
     host.taps.pop(100).close()
     qemu = host.qemus.pop(100)
@@ -275,7 +292,7 @@ def test_a_traditional_bridge_keeps_proxmoxs_vlan_bridges_and_the_service_takes_
     assert not {name for name in host.links() if name.startswith(("vmbr0a", "vmbr0q"))}
     host.stop(102)
     assert {"vmbr0v950", "kvw0.950", "vmbr0v960", "kvw0.960"} <= host.links()  # Proxmox's stay Proxmox's
-    assert guest_from(plain, frame(mac(14), (Q, 950))) == ["0e:"]
+    assert guest_from(plain, frame(mac(17), (Q, 950))) == ["11:"]
 
 
 def test_pre_start_refuses_a_qinq_that_cannot_hold_in_one_line(host, capsys):

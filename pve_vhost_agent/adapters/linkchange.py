@@ -168,13 +168,15 @@ class LinkChanger:
         mark = LinkMark(ROLE_TAP, action.bridge, qinq.stag, qinq.ethertype, action.vmid, action.nic, qinq.cvlans,
                         action.master, action.saved)
         done = False
-        if tap.alias != mark.alias():
-            ipr.link("set", index=tap.index, ifalias=mark.alias())
-            done = True
         rules = filter_rules(qinq.cvlans)
-        if {(f.direction, f.pref, f.kind) for f in tap.filters} != {(r.direction, r.pref, r.kind) for r in rules}:
+        recorded = tap.mark.cvlans if tap.mark and tap.mark.role == ROLE_TAP else None  # what its filters pass
+        if recorded != qinq.cvlans or {(f.direction, f.pref, f.kind) for f in tap.filters} != {
+                (r.direction, r.pref, r.kind) for r in rules}:
             # Before the tap joins the S-VLAN: no frame of another C-VLAN passes meanwhile.
             tapfilter.set_filters(ipr, tap.index, tap.name, rules)
+            done = True
+        if tap.alias != mark.alias():
+            ipr.link("set", index=tap.index, ifalias=mark.alias())
             done = True
         if tap.master != target.index:
             ipr.link("set", index=tap.index, master=target.index)
