@@ -1,7 +1,7 @@
 """Changing links for QinQ on Proxmox's Linux bridges, through netlink (pyroute2).
 
 The actions of plan/lbqinq are applied under the agent's links lock (an flock on
-/run/pve-vhost-agent/links.lock: hooks and the service never change these devices at
+/var/lock/pve-vhost-agent-links.lck: hooks and the service never change these devices at
 once), each against a fresh reading of the links. What they create may exist already;
 a device is changed or removed only while it carries the agent's mark (model/links), and
 an S-VLAN bridge is removed only while no QinQ tap uses it. The agent's devices get no
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
-import time
-from typing import Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pve_vhost_agent.adapters import tapfilter
+from pve_vhost_agent.adapters.filelock import flocked
 from pve_vhost_agent.adapters.linkstate import VLAN_INFO_PVID, VLAN_INFO_UNTAGGED, observe
 from pve_vhost_agent.errors import AgentError, AgentTimeout, NetworkRefused, NotFound
 from pve_vhost_agent.model.actions import Action, AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
@@ -31,33 +29,18 @@ from pve_vhost_agent.model.links import (
 )
 from pve_vhost_agent.settings import Settings
 
+LOCK_FILE = "/var/lock/pve-vhost-agent-links.lck"  # next to Proxmox's own (/var/lock/pve-network.lck)
 LOCK_TIMEOUT = 5.0  # seconds; the lock is held only for netlink calls
 VLAN_MIN, VLAN_MAX = 1, 4094
 IN6_ADDR_GEN_MODE_NONE = 1
 
 
-@contextlib.contextmanager
-def links_lock(settings: Settings) -> Iterator[None]:
-    path = settings.run_dir / "links.lock"
-    try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise AgentError(f"cannot open the links lock {path}: {err.strerror}", "run the agent as root") from err
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise AgentTimeout(f"the links lock {path} is held by another agent process",
-                                       "retry; if it stays held, see which process holds it (fuser)") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
+def links_lock(settings: Settings):
+    """The agent's links lock: held while links are observed, planned for and changed."""
+    path = settings.host_path(LOCK_FILE)
+    return flocked(path, LOCK_TIMEOUT, lambda: AgentTimeout(
+        f"the links lock {path} is held by another agent process",
+        "retry; if it stays held, see which process holds it (fuser)"), "links lock")
 
 
 class LinkChanger:
