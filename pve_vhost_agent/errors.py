@@ -133,6 +133,13 @@ class Unexpected(AgentError):
                    f"this is a bug in pve-vhost-agent, please report it{where}")
 
 
+class NetworkRefused(AgentError):
+    """The host's Linux networking cannot hold what the spec asks (no uplink, uplink MTU,
+    a device name or VLAN that someone else has)."""
+
+    exit_code = ExitCode.REFUSED
+
+
 class VmBusy(AgentTimeout):
     """Proxmox's lock of the VM is held by someone else (a start, stop, migration or `qm set`)."""
 

@@ -163,7 +163,7 @@ def test_enable_refuses_to_chain_a_hookscript_proxmox_could_not_run(pve_root, te
     before = pve_root.snapshot()
     result = pve_root.cli("enable", "100")
     assert result.returncode in (4, 5) and result.stderr.count("\n") == 1
-    assert f"VM 100's hookscript local:snippets/old.sh" in result.stderr and words in result.stderr
+    assert "VM 100's hookscript local:snippets/old.sh" in result.stderr and words in result.stderr
     assert "qm set 100 --delete hookscript" in result.stderr
     assert pve_root.snapshot() == before  # not even the hookscript installed
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.adapters.filelock import flocked
 from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound, VmBusy, VmChanged
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.model.spec import is_decimal
-
-_LOCK_POLL = 0.05  # seconds between flock attempts
-
 
 @dataclasses.dataclass(frozen=True)
 class VmLocation:
@@ -156,27 +152,13 @@ def _must_be_unlocked(location: VmLocation) -> None:
 def vm_lock(settings: Settings, vmid: int) -> Iterator[None]:
     """Hold Proxmox's lock of VM `vmid` (flock), waiting at most settings.lock_timeout."""
     path = settings.vm_lock(vmid)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise AgentError(f"cannot open the VM lock file {path}: {err.strerror}", "run the agent as root") from err
-    try:
-        deadline = time.monotonic() + settings.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise VmBusy(
-                        f"VM {vmid} is locked by another task (lock file {path}, waited {settings.lock_timeout:g} s)",
-                        "retry when the running `qm` task or VM start has finished",
-                    ) from None
-                time.sleep(_LOCK_POLL)
+
+    def busy() -> VmBusy:
+        return VmBusy(f"VM {vmid} is locked by another task (lock file {path}, waited {settings.lock_timeout:g} s)",
+                      "retry when the running `qm` task or VM start has finished")
+
+    with flocked(path, settings.lock_timeout, busy, "VM lock file"):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 @contextlib.contextmanager

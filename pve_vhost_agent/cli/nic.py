@@ -144,7 +144,7 @@ def qinq_group() -> None:
 @_common
 @click.pass_obj
 def qinq_set(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bool, **options) -> None:
-    """Declare QinQ for netN, a NIC in the VM config on an OVS bridge with tag=STAG.
+    """Declare QinQ for netN, a NIC in the VM config on an OVS or Linux bridge with tag=STAG.
 
     The tag makes Proxmox plug the tap as an access port of the S-VLAN until post-start
     turns it into a QinQ port: never a trunk of every VLAN.

@@ -10,9 +10,11 @@ makes it so, or refuses; the other phases do their part and only warn.
   `external` switch must listen: QEMU blocks at its vhost-user netdev until the switch
   connects, so a missing port or server would hang the start. Room for the shared
   memory is only warned about.
-- post-start: QinQ on Proxmox's tap ports (plugged while QEMU started); port states logged.
+- post-start: QinQ on Proxmox's tap ports (plugged while QEMU started), on Open vSwitch or
+  Linux bridges (flows/lbqinq); port states logged.
 - pre-stop: nothing destructive (it does not run when the guest powers off or crashes).
-- post-stop: the VM's own OVS ports and sockets go, taps get Proxmox's settings back.
+- post-stop: the VM's own OVS ports, S-VLAN devices and sockets go, taps get Proxmox's
+  settings back.
 
 A VM "uses the agent" when it has a spec or agent-owned args (a clone or restore copies
 `args:` and `hookscript:` but not the spec): every phase then reads its config and runs,
@@ -39,6 +41,7 @@ from pve_vhost_agent.adapters.host import read_host_memory, read_links, unix_soc
 from pve_vhost_agent.adapters.journal import context_logger, setup_logging
 from pve_vhost_agent.adapters.specstore import load_vm_spec
 from pve_vhost_agent.errors import AgentError, AgentTimeout, ExitCode, NotFound, OvsRefused, OvsUnavailable, UsageError
+from pve_vhost_agent.flows import lbqinq
 from pve_vhost_agent.flows.apply import Applied, apply_plan
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
@@ -215,10 +218,12 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
 def _pre_start(ctx: HookContext) -> None:
     settings, vm = ctx.settings, ctx.vm
     config = _config_at_start(ctx)
-    needs_ovs = bool(vm.tap_qinq or vm.ovs_nics)
+    links = lbqinq.start_links(vm)
+    ovs_part = lbqinq.ovs_part(vm, start_config(config, ctx.call.migrated_from).values, links)
+    needs_ovs = bool(ovs_part.tap_qinq or vm.ovs_nics)
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_vm_ovsdb(settings, vm.vmid)) if needs_ovs else None
-        plan = plan_pre_start(_observe_start(settings, ctx.call, vm, config, db))
+        plan = plan_pre_start(dataclasses.replace(_observe_start(settings, ctx.call, vm, config, db), links=links))
         _say(ctx, plan.notes, plan.warnings)
         if plan.ports and not any(a.target == OVS for a in plan.actions):
             ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
@@ -274,7 +279,9 @@ def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
 
 
 def _post_start(ctx: HookContext) -> None:
-    vm = served_spec(ctx.vm, start_config(ctx.config, ctx.call.migrated_from)) if ctx.config else ctx.vm
+    start = start_config(ctx.config, ctx.call.migrated_from) if ctx.config else None
+    vm = served_spec(ctx.vm, start) if start else ctx.vm
+    vm = lbqinq.post_start(ctx.settings, vm, start.values if start else {}, ctx.log)
     if not vm.tap_qinq and not vm.ovs_nics:
         return
     links = _tap_links(ctx) if vm.tap_qinq else None
@@ -294,11 +301,16 @@ def _pre_stop(ctx: HookContext) -> None:
 
 def _post_stop(ctx: HookContext) -> None:
     vmid, settings = ctx.call.vmid, ctx.settings
-    with _vm_ovsdb(settings, vmid) as db:
-        removal = plan_vm_removal(vmid, db.snapshot())
-        if not removal:
-            ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
-        apply_plan(settings, removal, ctx.log, db=db)
+    running = ctx.config.section(MAIN) if ctx.config else {}
+    rest = lbqinq.post_stop(settings, ctx.vm, running, ctx.log)
+    # A VM all of whose QinQ is on Linux bridges leaves Open vSwitch alone (the host may
+    # have none); anything else of the agent's there is the service's to clean up.
+    if not ctx.vm or rest:
+        with _vm_ovsdb(settings, vmid) as db:
+            removal = plan_vm_removal(vmid, db.snapshot())
+            if not removal:
+                ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
+            apply_plan(settings, removal, ctx.log, db=db)
     # QEMU (the server of `ovs` sockets) is gone; a socket file it left is stale. The
     # `external` folder belongs to the external switch: never touched.
     apply_plan(settings, tuple(DelSocket(vmid, str(sock)) for sock in _stale_sockets(settings, vmid)), ctx.log)

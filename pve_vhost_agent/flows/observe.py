@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable
 
 from pve_vhost_agent.adapters import pvefs, qemu, sockets
+from pve_vhost_agent.adapters.linkstate import read_link_state
 from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb, Scope
 from pve_vhost_agent.adapters.specstore import load_spec
 from pve_vhost_agent.adapters.vmstore import held_vm_locks, local_vm_configs, vm_running
@@ -95,6 +96,12 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
             busy.add(vmid)
         if vm_running(settings, vmid):
             running.add(vmid)
+    links = None
+    try:  # every pass: a leftover S-VLAN bridge is found by its mark, whatever is declared
+        links = read_link_state(tap.port_name for vm in vms if vm.enabled and spec is not None
+                                for tap in spec.for_vm(vm.vmid).tap_qinq)
+    except AgentError as err:
+        problems.append(Problem.of(err))
     version = None
     if spec is not None and any(spec.for_vm(vm.vmid).nics for vm in vms if vm.enabled):
         try:
@@ -113,6 +120,7 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
         qemu_version=version,
         problems=tuple(problems),
         cluster_fs=cluster_fs,
+        links=links,
     )
 
 

@@ -53,6 +53,22 @@ ARGS_MEMORY_ID = "vhu-mem"  # the shared guest memory backend
 
 # Guest-side devices Proxmox makes (VM taps, container veths, firewall links): never uplinks.
 _GUEST_DEVICE = re.compile(r"(tap|veth|fwln|fwpr)[0-9]+[iop][0-9]+")
+_FIREWALL_BRIDGE = re.compile(r"fwbr[0-9]+i[0-9]+")  # pve-common's bridge between a tap and its firewall
+
+MAX_IFNAME = 15  # the kernel's limit for a network device name (IFNAMSIZ 16, with the NUL)
+
+# Linux-bridge QinQ: the devices the agent makes for one S-VLAN of one of Proxmox's Linux
+# bridges are named after that bridge, as Proxmox names its own VLAN bridge `vmbr0v950`:
+# `<bridge><a|q><S-tag>` is the S-VLAN bridge (a for an 802.1ad S-tag, q for 802.1q), and
+# a role letter after it names its other devices.
+SVLAN_ROLES = {
+    "": "S-VLAN bridge",
+    "u": "S-VLAN device",  # pushes and pops the S-tag (on the uplink, or on the veth peer)
+    "t": "veth end in the bridge",  # carries the S-VLAN in the bridge's own VLAN (same TPID)
+    "p": "veth peer",  # the S-VLAN device's lower device on that path
+}
+_TPID_LETTER = {"802.1ad": "a", "802.1q": "q"}
+_SVLAN_NAME = re.compile(r"(?P<bridge>.+)(?P<tpid>[aq])(?P<stag>[1-9][0-9]{0,3})(?P<role>[utp]?)")
 
 HOOK_NAME = "pve-vhost-agent"  # the hookscript's file name in a storage's snippets/
 
@@ -98,6 +114,36 @@ def args_nic_index(ident: str) -> int | None:
 def is_guest_device(name: str) -> bool:
     """A device Proxmox made for a guest (tap, veth, firewall link), never a host uplink."""
     return bool(_GUEST_DEVICE.fullmatch(name))
+
+
+def is_firewall_bridge(name: str) -> bool:
+    """`fwbr<vmid>i<N>`: Proxmox put the NIC's firewall between its tap and the bridge."""
+    return bool(_FIREWALL_BRIDGE.fullmatch(name))
+
+
+def svlan_device(bridge: str, ethertype: str, stag: int, role: str = "") -> str:
+    """The agent's device of `role` (see SVLAN_ROLES) for S-VLAN `stag` with TPID
+    `ethertype` ("802.1ad" or "802.1q") on Proxmox's Linux bridge `bridge`; it may be
+    longer than MAX_IFNAME (the caller refuses such a bridge name)."""
+    if role not in SVLAN_ROLES:
+        raise ValueError(f"unknown S-VLAN device role {role!r}")
+    return f"{bridge}{_TPID_LETTER[ethertype]}{stag}{role}"
+
+
+def parse_svlan_device(name: str) -> tuple[str, str, int, str] | None:
+    """(bridge, ethertype, S-tag, role) of a name `svlan_device` makes; None otherwise."""
+    match = _SVLAN_NAME.fullmatch(name)
+    if not match:
+        return None
+    ethertype = next(e for e, letter in _TPID_LETTER.items() if letter == match["tpid"])
+    parsed = (match["bridge"], ethertype, int(match["stag"]), match["role"])
+    return parsed if svlan_device(*parsed) == name else None
+
+
+def pve_vlan_bridge(bridge: str, tag: int) -> str:
+    """The bridge pve-common makes for VLAN `tag` of a traditional (not VLAN-aware) bridge
+    (activate_bridge_vlan), with `<uplink>.<tag>` as its port: a tap with tag=<tag> sits there."""
+    return f"{bridge}v{tag}"
 
 
 def hook_volume(storage: str) -> str:

@@ -20,10 +20,12 @@ from typing import Mapping
 
 from pve_vhost_agent.errors import AgentError, ExitCode, Unexpected
 from pve_vhost_agent.formats import qemuargs
-from pve_vhost_agent.model.actions import Action, DelSocket, WriteVmArgs
+from pve_vhost_agent.formats.vmconfig import MAIN
+from pve_vhost_agent.model.actions import Action, DelSocket, DelSVlanBridge, RestoreLinuxTap, WriteVmArgs
 from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_READ_ONLY
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend
+from pve_vhost_agent.plan import lbqinq
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import sync_args
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
@@ -69,14 +71,18 @@ def plan_node(state: NodeState) -> NodePlan:
                     later += waiting
                     ports += vm_ports
                     guards.update({a.vmid: True for a in vm_ports if getattr(a, "vmid", None) is not None})
+                if vm.vmid in state.running and state.links is not None:
+                    taps = _linux_taps(vm, state)
+                    ports += taps
+                    guards.update({a.vmid: True for a in taps if getattr(a, "vmid", None) is not None})
             except AgentError as err:
                 problems.append(Problem.of(err, vm.vmid))
             except Exception as err:  # noqa: BLE001 - a bug in one VM's planning must not stop the others'
                 problems.append(Problem.of(Unexpected.of(err), vm.vmid))
     problems += [_not_enabled(vm) for vm in state.vms if not vm.enabled and _has_agent_netdevs(vm)]
     live = state.running | state.busy
-    leftovers = _leftovers(state, live) + _stale_sockets(state, live)
-    guards.update({a.vmid: False for a in leftovers})
+    leftovers = _leftovers(state, live) + _linux_leftovers(state, live) + _stale_sockets(state, live)
+    guards.update({a.vmid: False for a in leftovers if getattr(a, "vmid", None) is not None})
     actions = tuple(args) + tuple(ports) + leftovers
     busy = state.busy
     deferred = {a.vmid for a in actions if getattr(a, "vmid", None) in busy} | {p.vmid for p in problems if p.vmid in busy}
@@ -106,13 +112,38 @@ def _not_enabled(vm: LocalVm) -> Problem:
 
 
 def _live_ports(vm: LocalVm, state: NodeState) -> tuple[tuple[Action, ...], tuple[str, ...]]:
-    """A running VM's vhost-user ports and tap QinQ as declared again."""
+    """A running VM's vhost-user ports and tap QinQ (on Open vSwitch) as declared again."""
     spec = state.spec.for_vm(vm.vmid)
+    if state.links is not None:
+        spec = lbqinq.without_taps(spec, lbqinq.linux_taps(spec, vm.config.section(MAIN), state.links))
     folder = state.socket_dirs.get(Backend.OVS)
     ports, waiting = (), ()
     if folder is not None:
         ports, waiting = plan_live_vhost_ports(spec, state.ovs, folder, state.ovs_sockets)
     return ports + plan_tap_qinq(spec, state.ovs), waiting
+
+
+def _linux_taps(vm: LocalVm, state: NodeState) -> tuple[Action, ...]:
+    """A running VM's QinQ taps on Linux bridges as declared again (Proxmox re-plugs a tap
+    when its NIC's tag, trunks or firewall change)."""
+    spec, running = state.spec.for_vm(vm.vmid), vm.config.section(MAIN)
+    return lbqinq.plan_taps(vm.vmid, lbqinq.linux_taps(spec, running, state.links), running, state.links)
+
+
+def _linux_leftovers(state: NodeState, live: frozenset[int]) -> tuple[Action, ...]:
+    """Give back taps of VMs that do not run here; remove S-VLAN devices no QinQ tap uses
+    and no running (or starting) VM's QinQ will use."""
+    if state.links is None:
+        return ()
+    needed = set()
+    if state.spec is not None:
+        for vm in state.vms:
+            if vm.vmid in live:
+                needed.update(lbqinq.svlan_keys(state.spec.for_vm(vm.vmid), vm.config.section(MAIN)))
+    actions = lbqinq.plan_cleanup(state.links, lambda vmid: vmid not in live, needed)
+    return tuple(dataclasses.replace(a, reason=_why_gone(state, a.vmid)) if isinstance(a, RestoreLinuxTap)
+                 else dataclasses.replace(a, reason="no QinQ tap uses it") if isinstance(a, DelSVlanBridge) else a
+                 for a in actions)
 
 
 def _args_action(vm: LocalVm, state: NodeState) -> WriteVmArgs | None:

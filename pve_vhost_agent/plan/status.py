@@ -9,6 +9,7 @@ import datetime
 from typing import Sequence
 
 from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED
+from pve_vhost_agent.model.links import ROLE_TAP
 from pve_vhost_agent.model.ovs import OWNS_PORT, OWNS_VLAN
 from pve_vhost_agent.plan.node import NodePlan
 from pve_vhost_agent.plan.observed import NodeState, Problem
@@ -37,6 +38,8 @@ def node_summary(state: NodeState, plan: NodePlan, failures: Sequence[Problem] =
         summary["vhost_ports"] = len(vhost)
         summary["connected"] = sum(1 for p in vhost if p.interface and p.interface.status.get("status") == "connected")
         summary["qinq_taps"] = sum(1 for p in owned if p.owner == OWNS_VLAN)
+    if state.links is not None:  # QinQ taps on Linux bridges
+        summary["qinq_taps"] = (summary["qinq_taps"] or 0) + len(state.links.marked(ROLE_TAP))
     return summary
 
 
@@ -50,7 +53,8 @@ def status_line(summary: dict, when: datetime.datetime, label: str = "last pass"
         ports = (f"{_count(summary['vhost_ports'], 'vhost-user port')} ({summary['connected']} connected), "
                  f"{_count(summary['qinq_taps'], 'QinQ tap')}")
     else:
-        ports = "Open vSwitch unreachable"
+        ports = "Open vSwitch unreachable" + (f", {_count(summary['qinq_taps'], 'QinQ tap')}"
+                                              if summary["qinq_taps"] else "")
     problems, pending = summary["problems"], summary["pending"]
     clean = not problems and not pending and summary["ovs"] == "ok"
     parts = [f"{vms}: {ports}", f"{label} {when:%H:%M:%S}{' ok' if clean else ''}"]
