@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 7
     REFUSED = 8
     STALE = 9
+    FINDINGS = 11  # `doctor` found at least one error-level finding
 
 
 class AgentError(Exception):
