@@ -47,7 +47,8 @@ def observe(settings: Settings, node: NodeState | None = None) -> DoctorInput:
                  facts_problem=facts_problem, cluster_vmids=_cluster_vmids(settings))
     if node is not None:
         return DoctorInput(**parts, ovs=node.ovs, ovs_problem="" if node.ovs else "Open vSwitch is unreachable",
-                           spec=node.spec, spec_problem=_first(node, "spec"), vms=node.vms, running=node.running)
+                           spec=node.spec, spec_problem="the declarations cannot be read (the service's problems say why)",
+                           vms=node.vms, running=node.running)
     try:
         spec, spec_problem = load_spec(settings), ""
     except AgentError as err:
@@ -62,6 +63,14 @@ def observe(settings: Settings, node: NodeState | None = None) -> DoctorInput:
     return DoctorInput(**parts, ovs=ovs, ovs_problem=ovs_problem, spec=spec, spec_problem=spec_problem,
                        vms=tuple(vms), vm_problems=tuple(vm_problems),
                        running=frozenset(vm.vmid for vm in vms if vm_running(settings, vm.vmid)))
+
+
+def doctor_errors(settings: Settings, node: NodeState) -> int:
+    """The error-level findings now (`status`): nothing logged."""
+    try:
+        return error_count(diagnose(observe(settings, node)))
+    except AgentError:
+        return 0
 
 
 def _attempt(read, settings: Settings):
@@ -84,10 +93,6 @@ def _cluster_vmids(settings: Settings) -> frozenset[int]:
     return frozenset(int(p.stem) for p in settings.nodes_dir().glob("*/qemu-server/*.conf") if is_decimal(p.stem))
 
 
-def _first(node: NodeState, word: str) -> str:
-    return next((str(p) for p in node.problems if word in str(p)), f"the {word} could not be read")
-
-
 @dataclasses.dataclass
 class DoctorWatch:
     """The doctor inside the service: cheap when nothing changed, each finding logged once."""
@@ -103,17 +108,18 @@ class DoctorWatch:
         """Run the doctor if anything it reads may have changed; the error-level count."""
         key = (file_stamps(settings, self._files), node.vms, node.spec, node.ovs, node.running)
         if key != self._key or time.monotonic() - self._when >= self.interval:
+            self._when = time.monotonic()
             try:
                 inp = observe(settings, node)
                 self.findings = diagnose(inp)
-                read = inp.network_file.files if inp.network_file else (INTERFACES,)
-                # The folders too: a new file in interfaces.d changes its folder.
-                self._files = tuple(dict.fromkeys([*read, *(str(PurePosixPath(f).parent) for f in read),
-                                                   DPKG_STATUS, VSWITCHD_ALTERNATIVE]))
-            except AgentError as err:  # the service must outlive a doctor that cannot look
-                self.findings = (Finding(Severity.ERROR, "doctor", str(err), "see the journal", "doctor-failed"),)
+            except Exception as err:  # noqa: BLE001 - the service must outlive a doctor that cannot look
+                log.exception("the doctor failed: %s", err, extra={"result": "failed"})
+                return error_count(self.findings)
+            read = inp.network_file.files if inp.network_file else (INTERFACES,)
+            # The folders too: a new file in interfaces.d changes its folder.
+            self._files = tuple(dict.fromkeys([*read, *(str(PurePosixPath(f).parent) for f in read),
+                                               DPKG_STATUS, VSWITCHD_ALTERNATIVE]))
             self._key = (file_stamps(settings, self._files), node.vms, node.spec, node.ovs, node.running)
-            self._when = time.monotonic()
             self._log()
         return error_count(self.findings)
 

@@ -66,11 +66,11 @@ def findings(declared: Sequence[tuple[LocalVm, VmSpec]], ovs: OvsState | None, o
 
 
 def _dpdk(ovs: OvsState | None, facts: HostFacts | None) -> Iterator[Finding]:
-    not_dpdk = ovs is not None and ovs.iface_types and VHOST_CLIENT not in ovs.iface_types
+    not_dpdk = ovs is not None and _not_dpdk_build(ovs)
     if not_dpdk:
         yield Finding(Severity.ERROR, "ovs-vswitchd",
-                      f"the running ovs-vswitchd is not the DPDK build ({VHOST_CLIENT} is not among its interface "
-                      "types): vhost-user ports cannot be made", SWITCH_TO_DPDK, "dpdk-binary")
+                      "the running ovs-vswitchd is not the DPDK build: vhost-user ports cannot be made",
+                      SWITCH_TO_DPDK, "dpdk-binary")
     if facts is not None:
         alternative = facts.vswitchd_alternative
         if alternative and alternative != DPDK_VSWITCHD:
@@ -114,6 +114,15 @@ def _dpdk(ovs: OvsState | None, facts: HostFacts | None) -> Iterator[Finding]:
                           "for seconds while DPDK touches its whole shared memory pool",
                           "ovs-vsctl set Open_vSwitch . other_config:per-port-memory=true; "
                           "systemctl restart openvswitch-switch", "dpdk-per-port-memory")
+
+
+def _not_dpdk_build(ovs: OvsState) -> bool:
+    """ovs-vswitchd writes `dpdk_version` "none" when it has no DPDK; an older one that does
+    not write it shows it by lacking vhost-user among its interface types (a DPDK build that
+    failed to initialise lacks them too, so only while DPDK is not known to have failed)."""
+    if ovs.dpdk_version:
+        return ovs.dpdk_version == "none"
+    return bool(ovs.iface_types) and VHOST_CLIENT not in ovs.iface_types and ovs.dpdk_initialized is not False
 
 
 def _hugepages(vms: list[LocalVm], facts: HostFacts | None, running: frozenset[int]) -> Iterator[Finding]:

@@ -154,6 +154,7 @@ def test_a_double_tagged_vlan_device_needs_four_bytes_more_below():
 
 VHOST = nic(1, "vhostbr0", vlan=VlanPolicy(qinq=QinQ(950)))
 UPLINK = OvsPort("bond0", "vhostbr0", interfaces=(OvsInterface("bond0"),))
+NO_VHOST = ("internal", "system", "tap")
 DPDK_READY = {"dpdk-init": "true", "pmd-maxsleep": "50000", "per-port-memory": "true"}
 
 
@@ -166,7 +167,7 @@ def declared(ovs, spec=ClusterSpec(nics=(VHOST,)), config=ROUTER + HOOK, facts=N
 def dpdk(*ports, other_config=DPDK_READY, **kw):
     state = ovs_state(*ports, **kw)
     return dataclasses.replace(state, other_config=FrozenMap({**state.other_config, **other_config}),
-                               dpdk_initialized=True)
+                               dpdk_initialized=True, dpdk_version="DPDK 22.11.11")
 
 
 def test_a_ready_ovs_dpdk_for_a_declared_qinq_nic_has_nothing_to_say():
@@ -178,9 +179,14 @@ OVS_FAULTS = [
      ("error", "Open vSwitch", "ovs-unreachable"), "declare 1 vhost-user NIC and 0 QinQ taps"),
     ("dpdk-init unset", declared(dpdk(other_config={"dpdk-init": ""})),
      ("error", "Open vSwitch other_config:dpdk-init", "dpdk-init"), "is unset"),
-    ("DPDK failed to initialise", declared(dataclasses.replace(dpdk(), dpdk_initialized=False)),
+    ("DPDK failed to initialise (no vhost-user types then)", declared(dataclasses.replace(
+        dpdk(iface_types=NO_VHOST), dpdk_initialized=False)),
      ("error", "Open vSwitch dpdk_initialized", "dpdk-initialized"), "DPDK did not start"),
-    ("the running switch is not the DPDK build", declared(dpdk(iface_types=("internal", "system", "tap"))),
+    ("the running switch is not the DPDK build", declared(dataclasses.replace(
+        dpdk(iface_types=NO_VHOST), dpdk_initialized=False, dpdk_version="none")),
+     ("error", "ovs-vswitchd", "dpdk-binary"), "the running ovs-vswitchd is not the DPDK build"),
+    ("an older switch that does not tell its DPDK version", declared(dataclasses.replace(
+        dpdk(iface_types=NO_VHOST), dpdk_initialized=None, dpdk_version="")),
      ("error", "ovs-vswitchd", "dpdk-binary"), "the running ovs-vswitchd is not the DPDK build"),
     ("the alternative is not the DPDK build", declared(dpdk(), facts=host_facts(
         alternative="/usr/lib/openvswitch-switch/ovs-vswitchd")), ("error", "ovs-vswitchd", "dpdk-alternative"),
