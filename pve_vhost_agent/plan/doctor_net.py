@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Iterator, Sequence
 
-from pve_vhost_agent.formats.vmlayout import net_devices, parse_property_string
+from pve_vhost_agent.formats.vmlayout import net_devices
 from pve_vhost_agent.model.findings import Finding, Severity
 from pve_vhost_agent.model.hostnet import DOT1Q, IP_FORWARD, LACP, HostLink, HostNet, IfaceStanza, NetworkFile
 from pve_vhost_agent.model.names import is_guest_device
@@ -244,7 +244,7 @@ def bonds(net: HostNet) -> list[Finding]:
         else:
             for name, why in broken.items():
                 found.append(Finding(
-                    Severity.WARNING, name, f"slave of bond {bond.name}: {why}, so the bond runs without redundancy",
+                    Severity.WARNING, name, f"slave of {bond.name} {why}, so the bond runs without redundancy",
                     f"check the cable and the switch port (`ethtool {name}`); `ifup {name}` if it is down",
                     "bond-slave-down"))
         working = [s for s in slaves if s.name not in broken]
@@ -265,7 +265,7 @@ def _slave_trouble(slave: HostLink) -> str:
     if not slave.carrier:
         return "has no carrier"
     if slave.bond_slave is not None and not slave.bond_slave.mii_up:
-        return "its link monitor says down"
+        return "is down by its link monitor"
     return ""
 
 
@@ -323,8 +323,8 @@ def vm_tags(vms: Iterable[LocalVm], net: HostNet, nf: NetworkFile | None) -> lis
             if outside:
                 found.append(Finding(
                     Severity.ERROR, f"VM {vm.vmid} net{index}",
-                    f"VLAN {format_vlan_list(outside)} is not among the VLANs {where} "
-                    f"({format_vlan_list(carried) or 'none'}): those frames never leave the host",
+                    f"VLAN {format_vlan_list(outside)} is not among the VLANs {bridge.name} carries "
+                    f"({where} {format_vlan_list(carried) or 'none'}): those frames never leave the host",
                     f"add {format_vlan_list(outside)} to `bridge-vids` of {bridge.name} in {INTERFACES}, {RELOAD}; "
                     f"or give net{index} a VLAN the bridge carries", "vm-tag-outside-vids"))
     return found
@@ -335,12 +335,12 @@ def _carried_vids(bridge: HostLink, net: HostNet, nf: NetworkFile | None) -> tup
     in the kernel (None: no uplink, an internal bridge)."""
     stanza = nf.stanza(bridge.name) if nf is not None else None
     if stanza is not None and stanza.bridge_vids is not None:
-        return stanza.bridge_vids, f"bridge-vids of {bridge.name} allows"
+        return stanza.bridge_vids, "bridge-vids"
     uplinks = [p for p in net.ports(bridge.name) if is_uplink(p) and not is_proxmox_made(p, net)]
     if not uplinks:
         return None, ""
     carried = sorted(set().union(*(set(p.vids) for p in uplinks)))
-    return tuple(carried), f"{bridge.name}'s uplink {', '.join(p.name for p in uplinks)} carries"
+    return tuple(carried), f"on {', '.join(p.name for p in uplinks)}:"
 
 
 def _trunks(text: str) -> list[int]:
@@ -376,8 +376,3 @@ def _kind_name(kind: str) -> str:
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
-
-def mtu_of(value: str) -> int | None:
-    """The `mtu=` of a VM config's netN (1 means: the bridge's), None when not set."""
-    mtu = parse_property_string(value).get("mtu", "")
-    return int(mtu) if mtu.isdigit() and int(mtu) > 1 else None

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from pve_vhost_agent.formats.vmlayout import memory_layout, parse_net
+from pve_vhost_agent.formats.vmlayout import memory_layout, parse_net, parse_property_string
 from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.model.findings import Finding, Severity
 from pve_vhost_agent.model.hostnet import HostFacts, HostNet
 from pve_vhost_agent.model.ovs import RESTART_FIX, VHOST_CLIENT, OvsState
 from pve_vhost_agent.model.spec import VhostNic, VmSpec
 from pve_vhost_agent.plan.capacity import capacity_warnings, shared_memory_need
-from pve_vhost_agent.plan.doctor_net import mtu_of
 from pve_vhost_agent.plan.observed import LocalVm
 from pve_vhost_agent.plan.ovs import QINQ_VLAN_LIMIT, VHOST_DATAPATH
 from pve_vhost_agent.plan.tapqinq import QINQ_HEADER, is_uplink
@@ -230,6 +229,12 @@ def _ovs_uplinks(bridge: str, ovs: OvsState, net: HostNet):
             if iface.type in _KERNEL_IFACE_TYPES and link is not None and is_uplink(link):
                 yield link.name, link.mtu, lambda need, n=link.name: (
                     f"`mtu {need}` on {n} in /etc/network/interfaces, then `ifreload -a`")
+
+
+def mtu_of(value: str) -> int | None:
+    """The `mtu=` of a VM config's netN (1 means: the bridge's), None when not set."""
+    mtu = parse_property_string(value).get("mtu", "")
+    return int(mtu) if mtu.isdigit() and int(mtu) > 1 else None
 
 
 def _count(n: int, word: str) -> str:

@@ -68,6 +68,9 @@ NET_FAULTS = [
      ("warning", "vmbr0.50", "drift-vlan-protocol"), "declares vlan-protocol 802.1q, but the kernel runs 802.1ad"),
     ("not VLAN-aware", seed(changed("vmbr0", bridge=BridgeState())),
      ("warning", "vmbr0", "drift-bridge-vlan-aware"), "bridge-vlan-aware yes, but the kernel runs VLAN filtering off"),
+    ("VLANs missing on an uplink", seed(changed("bond0", vids=(1, 10))),
+     ("warning", "vmbr0", "drift-bridge-vids"), "declares bridge-vids 2-4094, but the kernel runs port bond0 without "
+                                                "VLANs 2-9,11-4094"),
     ("a bond only the kernel has", seed({**seed_links(), "bond9": host_link("bond9", "bond", bond=BondState(
         "active-backup", 100))}), ("warning", "bond9", "drift-undeclared"), "gone after a reboot"),
     # MTU chains
@@ -77,7 +80,7 @@ NET_FAULTS = [
      ("error", "vmbr0", "mtu-bridge-port"), "bridge MTU 9216 is above the MTU 9000 of its port bond0"),
     # bonds
     ("a slave without carrier", seed(changed("eno2", carrier=False)),
-     ("warning", "eno2", "bond-slave-down"), "slave of bond bond0: has no carrier, so the bond runs without redundancy"),
+     ("warning", "eno2", "bond-slave-down"), "slave of bond0 has no carrier, so the bond runs without redundancy"),
     ("every slave down", seed({**changed("eno1", up=False), "eno2": dataclasses.replace(
         seed_links()["eno2"], carrier=False)}), ("error", "bond0", "bond-down"), "eno1: is down; eno2: has no carrier"),
     ("no LACP partner", seed(seed_links(partner="00:00:00:00:00:00")),
@@ -94,7 +97,7 @@ NET_FAULTS = [
      ("warning", "vmbr1", "bridge-stp-delay"), "listens and learns for 30 s before it forwards"),
     ("a VM tag outside bridge-vids", seed(text=SEED_INTERFACES.replace("bridge-vids 2-4094", "bridge-vids 10 20"),
                                           vms=[vm(net0="virtio=BC:24:11:00:00:01,bridge=vmbr0,tag=30")]),
-     ("error", "VM 100 net0", "vm-tag-outside-vids"), "VLAN 30 is not among the VLANs bridge-vids of vmbr0 allows (10,20)"),
+     ("error", "VM 100 net0", "vm-tag-outside-vids"), "VLAN 30 is not among the VLANs vmbr0 carries (bridge-vids 10,20)"),
     ("NAT without forwarding", seed(ip_forward="0"),
      ("error", "vmbr1", "nat-forwarding"), "masquerades the traffic of vmbr1, but net.ipv4.ip_forward is 0"),
 ]
@@ -115,7 +118,7 @@ def test_a_vm_tag_without_bridge_vids_is_judged_by_the_uplinks_vlans_in_the_kern
     tagged = [vm(net0="virtio=BC:24:11:00:00:01,bridge=vmbr0,tag=20",
                  net1="virtio=BC:24:11:00:00:02,bridge=vmbr0,trunks=10;30-31")]
     assert [(f.subject, f.problem) for f in diagnose(seed(links, text, vms=tagged)) if f.severity is Severity.ERROR] == [
-        ("VM 100 net1", "VLAN 30-31 is not among the VLANs vmbr0's uplink bond0 carries (1,10,20): "
+        ("VM 100 net1", "VLAN 30-31 is not among the VLANs vmbr0 carries (on bond0: 1,10,20): "
                         "those frames never leave the host")]
 
 
@@ -226,6 +229,8 @@ def test_each_ovs_fault_is_named(what, inp, expected, words):
     match = [f for f in findings if (f.severity.value, f.subject, f.check) == expected]
     assert match, [str(f) for f in findings]
     assert words in match[0].problem + match[0].fix
+    # One cause, named once: a failed DPDK is not also "not the DPDK build", and so on.
+    assert len({f.check for f in findings if f.check.startswith("dpdk-") and f.severity is Severity.ERROR}) <= 1
 
 
 def test_a_qinq_tap_without_mtu_gets_its_bridges_mtu_and_then_needs_four_bytes_more():
