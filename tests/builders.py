@@ -61,8 +61,9 @@ def ovs_state(*ports, bridges=(OvsBridge("vhostbr0", "netdev"), OvsBridge("vmbr0
 # --- the host network doctor (plan/doctor*.py) ------------------------------------------
 
 # A seed-style Proxmox host: an 802.3ad bond of two ports with jumbo frames under a
-# VLAN-aware vmbr0, a VLAN device on it, and a NAT bridge for private VMs.
-SEED_INTERFACES = """\
+# VLAN-aware vmbr0, a VLAN device on it, and a NAT bridge for private VMs. The pure tests
+# and tests/test_doctor_real_kernel.py (which builds it on a real kernel) share it.
+SEED_MAIN = """\
 auto lo
 iface lo inet loopback
 
@@ -75,6 +76,7 @@ iface bond0 inet manual
 \tbond-miimon 100
 \tbond-mode 802.3ad
 \tbond-xmit-hash-policy layer3+4
+\tbond-lacp-rate 1
 \tmtu 9000
 
 auto vmbr0
@@ -92,14 +94,20 @@ iface vmbr0.50 inet static
 \taddress 10.50.0.2/24
 \tmtu 9000
 
+source /etc/network/interfaces.d/*
+"""
+# The NAT bridge, in a file of /etc/network/interfaces.d/ (the real-kernel test sources it).
+SEED_NAT = """\
 auto vmbr1
 iface vmbr1 inet static
 \taddress 10.10.10.1/24
 \tbridge-ports none
 \tbridge-stp off
 \tbridge-fd 0
+\tpost-up echo 1 > /proc/sys/net/ipv4/ip_forward
 \tpost-up iptables -t nat -A POSTROUTING -s '10.10.10.0/24' -o vmbr0 -j MASQUERADE
 """
+SEED_INTERFACES = SEED_MAIN + "\n" + SEED_NAT
 
 
 def seed_network_file(text: str = SEED_INTERFACES):

@@ -22,60 +22,20 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
+from builders import SEED_MAIN, SEED_NAT
 from pve_vhost_agent.flows.doctor import run_doctor
 from pve_vhost_agent.settings import DEFAULT_OVSDB, Settings
 
-pytestmark = pytest.mark.real_kernel
+pytestmark = pytest.mark.real_kernel(releases=("bookworm", "trixie"))
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 PEER = "switch"  # the LACP partner's namespace
 NODE = "pve1"
-LACP, ACTIVE_BACKUP = 4, 1
+LACP = 4  # bond mode 802.3ad
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 VM_NIC = "virtio=BC:24:11:00:00:01,bridge=vmbr0,tag=20"
-INTERFACES = """\
-auto lo
-iface lo inet loopback
-
-iface eno1 inet manual
-iface eno2 inet manual
-
-auto bond0
-iface bond0 inet manual
-\tbond-slaves eno1 eno2
-\tbond-miimon 100
-\tbond-mode 802.3ad
-\tbond-xmit-hash-policy layer3+4
-\tbond-lacp-rate 1
-\tmtu 9000
-
-auto vmbr0
-iface vmbr0 inet static
-\taddress 10.0.0.2/24
-\tbridge-ports bond0
-\tbridge-stp off
-\tbridge-fd 0
-\tbridge-vlan-aware yes
-\tbridge-vids 10 20 50
-\tmtu 9000
-
-auto vmbr0.50
-iface vmbr0.50 inet static
-\taddress 10.50.0.2/24
-\tmtu 9000
-
-source /etc/network/interfaces.d/*
-"""
-NAT = """\
-auto vmbr1
-iface vmbr1 inet static
-\taddress 10.10.10.1/24
-\tbridge-ports none
-\tbridge-stp off
-\tbridge-fd 0
-\tpost-up echo 1 > /proc/sys/net/ipv4/ip_forward
-\tpost-up iptables -t nat -A POSTROUTING -s '10.10.10.0/24' -o vmbr0 -j MASQUERADE
-"""
+INTERFACES = SEED_MAIN.replace("bridge-vids 2-4094", "bridge-vids 10 20 50")  # a VLAN at a time here
+NAT = SEED_NAT
 
 
 class Host:

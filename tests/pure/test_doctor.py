@@ -103,15 +103,6 @@ NET_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("what, inp, expected, words", NET_FAULTS, ids=[row[0] for row in NET_FAULTS])
-def test_each_network_fault_is_named(what, inp, expected, words):
-    findings = diagnose(inp)
-    match = [f for f in findings if (f.severity.value, f.subject, f.check) == expected]
-    assert match, [str(f) for f in findings]
-    assert words in match[0].problem
-    assert match[0].fix and "\n" not in str(match[0])
-
-
 def test_a_vm_tag_without_bridge_vids_is_judged_by_the_uplinks_vlans_in_the_kernel():
     links = changed("bond0", vids=(1, 10, 20))
     text = SEED_INTERFACES.replace("\tbridge-vids 2-4094\n", "")
@@ -223,12 +214,14 @@ OVS_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("what, inp, expected, words", OVS_FAULTS, ids=[row[0] for row in OVS_FAULTS])
-def test_each_ovs_fault_is_named(what, inp, expected, words):
+@pytest.mark.parametrize("what, inp, expected, words", NET_FAULTS + OVS_FAULTS,
+                         ids=[row[0] for row in NET_FAULTS + OVS_FAULTS])
+def test_each_fault_is_named(what, inp, expected, words):
     findings = diagnose(inp)
     match = [f for f in findings if (f.severity.value, f.subject, f.check) == expected]
     assert match, [str(f) for f in findings]
     assert words in match[0].problem + match[0].fix
+    assert match[0].fix and "\n" not in str(match[0])
     # One cause, named once: a failed DPDK is not also "not the DPDK build", and so on.
     assert len({f.check for f in findings if f.check.startswith("dpdk-") and f.severity is Severity.ERROR}) <= 1
 

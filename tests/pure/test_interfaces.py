@@ -2,58 +2,20 @@
 
 import pytest
 
+from builders import SEED_INTERFACES
 from pve_vhost_agent.formats.dpkgstatus import installed_packages
 from pve_vhost_agent.formats.interfaces import combine, parse_file, parse_vids
 
-# What a Proxmox host of the kind the doctor is for looks like (the seed host).
-SEED = """\
-auto lo
-iface lo inet loopback
-
-iface eno1 inet manual
-iface eno2 inet manual
-
-auto bond0
-iface bond0 inet manual
-\tbond-slaves eno1 eno2
-\tbond-miimon 100
-\tbond-mode 802.3ad
-\tbond_xmit_hash_policy layer3+4
-\tmtu 9000
-
-auto vmbr0
-iface vmbr0 inet static
-\taddress 10.0.0.2/24
-\tgateway 10.0.0.1
-\tbridge-ports bond0
-\tbridge-stp off
-\tbridge-fd 0
-\tbridge-vlan-aware yes
-\tbridge-vids 2-4094
-\tmtu 9000
-
-# storage VLAN
-auto vmbr0.50
-iface vmbr0.50 inet static
-\taddress 10.50.0.2/24
-
+# The seed host (tests/builders.py), with what else ifupdown2 reads: `vlanN` with
+# vlan-raw-device, and an inet6 stanza that merges into the inet one.
+SEED = SEED_INTERFACES + """
 auto vlan60
 iface vlan60 inet manual
 \tvlan-raw-device bond0
 
-auto vmbr1
-iface vmbr1 inet static
-\taddress 10.10.10.1/24
-\tbridge-ports none
-\tpost-up   echo 1 > /proc/sys/net/ipv4/ip_forward
-\tpost-up   iptables -t nat -A POSTROUTING -s '10.10.10.0/24' -o vmbr0 -j MASQUERADE
-\tpost-down iptables -t nat -D POSTROUTING -s '10.10.10.0/24' -o vmbr0 -j MASQUERADE
-
 iface vmbr1 inet6 static
 \taddress fd00::1/64
 \tmtu 1400
-
-source /etc/network/interfaces.d/*
 """
 
 
@@ -63,22 +25,27 @@ def network(text=SEED, path="/etc/network/interfaces"):
 
 def test_the_seed_host_reads_as_ifupdown2_reads_it():
     nf = network()
-    assert [s.name for s in nf.stanzas] == ["lo", "eno1", "eno2", "bond0", "vmbr0", "vmbr0.50", "vlan60", "vmbr1"]
+    assert [s.name for s in nf.stanzas] == ["lo", "eno1", "eno2", "bond0", "vmbr0", "vmbr0.50", "vmbr1", "vlan60"]
     bond = nf.stanza("bond0")
     assert (bond.auto, bond.is_bond, bond.bond_slaves, bond.bond_mode, bond.bond_miimon, bond.mtu) == \
         (True, True, ("eno1", "eno2"), "802.3ad", 100, 9000)
-    assert bond.bond_xmit_hash_policy == "layer3+4"  # `_` reads as `-`
+    assert bond.bond_xmit_hash_policy == "layer3+4"
     bridge = nf.stanza("vmbr0")
     assert (bridge.is_bridge, bridge.bridge_ports, bridge.bridge_vlan_aware, bridge.bridge_stp, bridge.bridge_fd) == \
         (True, ("bond0",), True, False, 0.0)
     assert bridge.bridge_vids == tuple(range(2, 4095))
-    assert bridge.where == "/etc/network/interfaces:16"
+    assert bridge.where == "/etc/network/interfaces:17"
     assert (nf.stanza("vmbr0.50").vlan_raw_device, nf.stanza("vmbr0.50").vlan_id) == ("vmbr0", 50)
     assert (nf.stanza("vlan60").vlan_raw_device, nf.stanza("vlan60").vlan_id) == ("bond0", 60)
     assert not nf.stanza("eno1").auto and nf.depended_on() >= {"eno1", "eno2", "bond0"}
     nat = nf.stanza("vmbr1")  # inet and inet6 stanzas merge
     assert (nat.bridge_ports, nat.mtu, len(nat.post_up)) == ((), 1400, 2)
     assert nf.problems == ()
+
+
+def test_option_names_take_underscores_as_dashes():
+    stanza = network("iface bond1 inet manual\n bond_slaves eno3\n bond_xmit_hash_policy layer2+3\n").stanza("bond1")
+    assert (stanza.bond_slaves, stanza.bond_xmit_hash_policy) == (("eno3",), "layer2+3")
 
 
 def test_sources_are_handed_to_the_adapter_in_order():
