@@ -23,6 +23,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 8
     STALE = 9
     CLUSTER_DOWN = 10  # /etc/pve is not mounted: pmxcfs (pve-cluster) is not running
+    FINDINGS = 11  # `doctor` found at least one error-level finding
 
 
 class AgentError(Exception):

@@ -131,3 +131,95 @@ def after(host: LinkState, actions) -> LinkState:
         if isinstance(action, SetLinuxTapQinQ):
             host = with_links(host, qinq_tap(host, action, action.port))
     return host
+
+
+# --- the host network doctor (plan/doctor*.py) ------------------------------------------
+
+# A seed-style Proxmox host: an 802.3ad bond of two ports with jumbo frames under a
+# VLAN-aware vmbr0, a VLAN device on it, and a NAT bridge for private VMs. The pure tests
+# and tests/test_doctor_real_kernel.py (which builds it on a real kernel) share it.
+SEED_MAIN = """\
+auto lo
+iface lo inet loopback
+
+iface eno1 inet manual
+iface eno2 inet manual
+
+auto bond0
+iface bond0 inet manual
+\tbond-slaves eno1 eno2
+\tbond-miimon 100
+\tbond-mode 802.3ad
+\tbond-xmit-hash-policy layer3+4
+\tbond-lacp-rate 1
+\tmtu 9000
+
+auto vmbr0
+iface vmbr0 inet static
+\taddress 10.0.0.2/24
+\tbridge-ports bond0
+\tbridge-stp off
+\tbridge-fd 0
+\tbridge-vlan-aware yes
+\tbridge-vids 2-4094
+\tmtu 9000
+
+auto vmbr0.50
+iface vmbr0.50 inet static
+\taddress 10.50.0.2/24
+\tmtu 9000
+
+source /etc/network/interfaces.d/*
+"""
+# The NAT bridge, in a file of /etc/network/interfaces.d/ (the real-kernel test sources it).
+SEED_NAT = """\
+auto vmbr1
+iface vmbr1 inet static
+\taddress 10.10.10.1/24
+\tbridge-ports none
+\tbridge-stp off
+\tbridge-fd 0
+\tpost-up echo 1 > /proc/sys/net/ipv4/ip_forward
+\tpost-up iptables -t nat -A POSTROUTING -s '10.10.10.0/24' -o vmbr0 -j MASQUERADE
+"""
+SEED_INTERFACES = SEED_MAIN + "\n" + SEED_NAT
+
+
+def seed_network_file(text: str = SEED_INTERFACES):
+    from pve_vhost_agent.formats.interfaces import combine, parse_file
+    return combine([parse_file(text, "/etc/network/interfaces")])
+
+
+def host_link(name, kind="", mtu=9000, **kw):
+    from pve_vhost_agent.model.hostnet import HostLink
+    return HostLink(name, kw.pop("index", abs(hash(name)) % 10000), kind, mtu, kw.pop("up", True), **kw)
+
+
+def seed_links(partner="52:54:00:00:00:99") -> dict:
+    """The seed host's links as netlink shows them, healthy, by name."""
+    from pve_vhost_agent.model.hostnet import BondSlaveState, BondState, BridgeState, VlanState
+    vids = tuple(range(2, 4095))
+    links = [
+        host_link("eno1", master="bond0", bond_slave=BondSlaveState(True, True, 1)),
+        host_link("eno2", master="bond0", bond_slave=BondSlaveState(True, True, 1)),
+        host_link("bond0", "bond", master="vmbr0", vids=(1, *vids),
+                  bond=BondState("802.3ad", 100, 0, "layer3+4", 1, partner)),
+        host_link("vmbr0", "bridge", bridge=BridgeState(vlan_filtering=True)),
+        host_link("vmbr0.50", "vlan", lower="vmbr0", vlan=VlanState(50, "802.1q")),
+        host_link("vmbr1", "bridge", mtu=1500, bridge=BridgeState()),
+        host_link("lo", "", mtu=65536),
+    ]
+    return {link.name: link for link in links}
+
+
+def host_net(links: dict, ip_forward="1"):
+    from pve_vhost_agent.model.hostnet import HostNet
+    return HostNet(tuple(links.values()), FrozenMap({"net.ipv4.ip_forward": ip_forward} if ip_forward else {}))
+
+
+def host_facts(cpus=32, mem_gib=256, packages=("openvswitch-switch-dpdk", "librte-mempool-ring23"),
+               alternative="/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk", available_gib=200, hugepages=()):
+    from pve_vhost_agent.model.host import HostMemory
+    from pve_vhost_agent.model.hostnet import HostFacts
+    return HostFacts(cpus, mem_gib << 20, HostMemory(available_gib << 20, dict(hugepages)), frozenset(packages),
+                     alternative)

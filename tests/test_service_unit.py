@@ -147,14 +147,19 @@ def test_the_unit_as_systemd_runs_it(workdir, fresh_ovs):
         assert started.returncode == 0, inside.systemctl("status", "pve-vhost-agent").stdout
         status = inside.systemctl("status", "pve-vhost-agent", "--no-pager").stdout
         assert "Active: active (running)" in status
+        # The doctor sees a plain (not DPDK) OVS for a declared vhost-user NIC: two errors.
         assert ('Status: "1 VM (0 running): 0 vhost-user ports (0 connected), 0 QinQ taps; last pass ' in status
-                and ' ok; 0 problems"' in status), status
+                and ' ok; 0 problems; doctor: 2 errors (pve-vhost-agent doctor)"' in status), status
         # The first pass wrote the stopped VM's args, logged with structured journal fields.
         assert "memory-backend-memfd,id=vhu-mem,size=2048M" in (pve / "nodes/pve1/qemu-server/100.conf").read_text()
         entries = [json.loads(line) for line in inside.run(
             "journalctl", "SYSLOG_IDENTIFIER=pve-vhost-agent", "ACTION=WriteVmArgs", "-o", "json").stdout.splitlines()]
         timed = [e for e in entries if "DURATION_MS" in e]  # the service's own entry (apply_vm_args logs one too)
         assert [(e["VMID"], e["RESULT"], e["PRIORITY"]) for e in timed] == [("100", "changed", "6")]
+        doctor = [json.loads(line) for line in inside.run(
+            "journalctl", "SYSLOG_IDENTIFIER=pve-vhost-agent", "RESULT=doctor", "SEVERITY=error", "-o", "json"
+        ).stdout.splitlines()]
+        assert sorted(e["CHECK"] for e in doctor) == ["dpdk-binary", "dpdk-init"]  # logged once, with its fields
         assert inside.systemctl("stop", "pve-vhost-agent").returncode == 0
         shown = inside.systemctl("show", "pve-vhost-agent", "-p", "Result", "-p", "ExecMainStatus").stdout
         assert shown.split() == ["Result=success", "ExecMainStatus=0"]

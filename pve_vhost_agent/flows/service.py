@@ -38,6 +38,7 @@ from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import ClusterSpec
 from pve_vhost_agent.flows.vmargs import apply_vm_args
 from pve_vhost_agent.adapters.vmstore import vm_busy
+from pve_vhost_agent.flows.doctor import DoctorWatch, doctor_errors
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,20 @@ class PassReport:
     plan: NodePlan  # planned again after applying: normally nothing is left
     failures: tuple[Problem, ...]
     when: datetime.datetime
+    doctor_errors: int = 0  # error-level findings of `pve-vhost-agent doctor` (flows/doctor.py)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
         return self.plan.problems + self.failures
 
     def summary(self) -> dict:
-        return node_summary(self.state, self.plan, self.failures)
+        return {**node_summary(self.state, self.plan, self.failures), "doctor_errors": self.doctor_errors}
 
     def line(self, label: str = "last pass") -> str:
-        return status_line(self.summary(), self.when, label)
+        line = status_line(self.summary(), self.when, label)
+        if self.doctor_errors:
+            line += f"; doctor: {self.doctor_errors} error{'s' if self.doctor_errors != 1 else ''} (pve-vhost-agent doctor)"
+        return line
 
     @property
     def exit_code(self) -> int:
@@ -92,6 +97,7 @@ class Service:
         self._told_later: set[str] = set()
         self._caches = Caches()  # parsed files kept while they do not change
         self._last: tuple[NodeState, NodePlan] | None = None  # a plan stays valid while its state does
+        self._doctor = DoctorWatch()  # the host network doctor, run again only when something changed
 
     def __enter__(self) -> "Service":
         return self
@@ -127,7 +133,7 @@ class Service:
     def check(self) -> PassReport:
         """Observe and plan, apply nothing (`status`, `--dry-run`)."""
         state = self.observe(remember=False)
-        return PassReport(state, self.plan(state), (), _now())
+        return PassReport(state, self.plan(state), (), _now(), doctor_errors(self.settings, state))
 
     def run_pass(self) -> PassReport:
         when = _now()
@@ -138,7 +144,7 @@ class Service:
         if plan.actions:  # report the node as it is now
             state = self.observe()
             plan = self.plan(state)
-        report = PassReport(state, plan, tuple(failures), when)
+        report = PassReport(state, plan, tuple(failures), when, self._doctor.update(self.settings, state))
         self._log_problems(report.problems)
         for note in sorted(set(plan.at_next_start) - self._told_later):
             log.info("%s", note, extra={"result": "at next start"})
