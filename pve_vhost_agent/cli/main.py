@@ -54,9 +54,9 @@ def run() -> None:
 
 
 # Subcommand modules, one per group; each exports `COMMANDS`.
-from pve_vhost_agent.cli import hook, nic, ovs, service, vm  # noqa: E402  (imported after `main` exists)
+from pve_vhost_agent.cli import hook, link, nic, ovs, service, vm  # noqa: E402  (imported after `main` exists)
 
-SUBCOMMAND_MODULES: tuple = (nic, vm, ovs, hook, service)
+SUBCOMMAND_MODULES: tuple = (nic, link, vm, ovs, hook, service)
 
 for _module in SUBCOMMAND_MODULES:
     for _command in _module.COMMANDS:

@@ -1,8 +1,8 @@
 """Carry out a plan, and say each step once: the one place actions become changes.
 
-Hooks, the service and the commands hand their planned actions here. File actions are
-done one by one; Open vSwitch actions go to `Ovsdb.apply` (one transaction per step,
-many VMs per transaction where the plan allows it). Every action is logged once, after
+Hooks, the service and the commands hand their planned actions here. File actions and
+a running QEMU's link sockets (QMP) are done one by one; Open vSwitch actions go to
+`Ovsdb.apply` (one transaction per step, many VMs per transaction where the plan allows it). Every action is logged once, after
 it took effect, as its sentence (task log, service log) with its fields (journald).
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from pve_vhost_agent.adapters import sockets
 from pve_vhost_agent.adapters.vmstore import vm_guard, vm_guards
 from pve_vhost_agent.errors import OvsUnavailable, VmBusy, VmChanged
-from pve_vhost_agent.model.actions import OVS, Action, DelSocket, MakeSocketDir, WriteVmArgs
+from pve_vhost_agent.model.actions import OVS, QMP, Action, DelSocket, MakeSocketDir, WriteVmArgs
 from pve_vhost_agent.settings import Settings
 
 if TYPE_CHECKING:  # the caller brings the connection: no python-ovs import here
@@ -59,6 +59,11 @@ def apply_plan(settings: Settings, actions: Sequence[Action], logger: logging.Lo
     for target, run in _runs(actions):
         if target == OVS:
             _apply_ovs(settings, run, logger, db, guards, applied, wait)
+        elif target == QMP:
+            from pve_vhost_agent.adapters import links  # only link ends talk to a running QEMU
+
+            for action in run:
+                _apply_one(settings, action, logger, guards, applied, lambda a=action: links.apply(settings, a))
         else:
             for action in run:
                 _apply_file(settings, action, logger, guards, write_args, applied)
@@ -94,6 +99,31 @@ def _apply_ovs(settings: Settings, actions: list[Action], logger, db: Ovsdb | No
     db.apply(actions, guard=vm_guards(settings, guards) if guards else None, on_step=on_step, wait=wait)
 
 
+def _apply_one(settings: Settings, action: Action, logger, guards: Mapping[int, bool] | None, applied: Applied,
+               run: Callable[[], str]) -> None:
+    """`run` the action, under its VM's guard when `guards` names the VM."""
+    started = time.monotonic()
+    try:
+        if guards is not None and getattr(action, "vmid", None) in guards:
+            with vm_guard(settings, action.vmid, guards[action.vmid]):
+                result = run()
+        else:
+            result = run()
+    except VmBusy:
+        result = "skipped: the VM is busy"
+    except VmChanged:
+        result = "skipped: the VM started or stopped meanwhile"
+    _record(logger, action, result, started, applied)
+
+
+def _record(logger, action: Action, result: str, started: float, applied: Applied) -> None:
+    if result.startswith("skipped"):
+        applied.skipped.append((action, result))
+    else:
+        applied.done.append(action)
+    report(logger, action, result, round((time.monotonic() - started) * 1000))
+
+
 def _apply_file(settings: Settings, action: Action, logger, guards: Mapping[int, bool] | None,
                 write_args: Callable[[WriteVmArgs], str] | None, applied: Applied) -> None:
     started = time.monotonic()
@@ -114,10 +144,5 @@ def _apply_file(settings: Settings, action: Action, logger, guards: Mapping[int,
         result = "skipped: the VM is busy"
     except VmChanged:
         result = "skipped: the VM started or stopped meanwhile"
-    duration = round((time.monotonic() - started) * 1000)
-    if result.startswith("skipped"):
-        applied.skipped.append((action, result))
-    else:
-        applied.done.append(action)
-    report(logger, action, result, duration)
+    _record(logger, action, result, started, applied)
 

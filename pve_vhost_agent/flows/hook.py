@@ -10,7 +10,8 @@ makes it so, or refuses; the other phases do their part and only warn.
   `external` switch must listen: QEMU blocks at its vhost-user netdev until the switch
   connects, so a missing port or server would hang the start. Room for the shared
   memory is only warned about.
-- post-start: QinQ on Proxmox's tap ports (plugged while QEMU started); port states logged.
+- post-start: QinQ on Proxmox's tap ports (plugged while QEMU started); port states logged;
+  each link end gets its UDP socket (flows/links.py), also on a migration target.
 - pre-stop: nothing destructive (it does not run when the guest powers off or crashes).
 - post-stop: the VM's own OVS ports and sockets go, taps get Proxmox's settings back.
 
@@ -225,6 +226,8 @@ def _pre_start(ctx: HookContext) -> None:
 def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig, db: Ovsdb | None) -> StartView:
     """Everything pre-start decides on, read once: what the VM does not need is not read."""
     view = StartView(vm, config, call.migrated_from, settings.socket_dirs())
+    if vm.links:
+        view = dataclasses.replace(view, links=_link_facts(settings, vm))
     if db is not None:
         try:
             view = dataclasses.replace(view, ovs=db.snapshot())
@@ -242,6 +245,18 @@ def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmCon
                                                  EXTERNAL_CONNECT_TIMEOUT)
                   for nic in vm.nics if nic.backend is Backend.EXTERNAL},
     )
+
+
+def _link_facts(settings: Settings, vm: VmSpec):
+    """Where the link ends' peers are; None (the start goes on, it only says less) when
+    that cannot be read: a start needs nothing from its peers."""
+    from pve_vhost_agent.flows import links  # only a VM with link ends needs them
+
+    try:
+        return links.facts_for(settings, vm.links)
+    except AgentError as err:
+        log.warning("link ends not checked: %s", err, extra={"vmid": vm.vmid, "result": "failed"})
+        return None
 
 
 def _qemu_version(settings: Settings) -> tuple[int, int, int]:
@@ -265,6 +280,13 @@ def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
 
 def _post_start(ctx: HookContext) -> None:
     vm = served_spec(ctx.vm, start_config(ctx.config, ctx.call.migrated_from)) if ctx.config else ctx.vm
+    if vm.links:
+        from pve_vhost_agent.flows import links  # only a VM with link ends needs QMP
+
+        try:  # Proxmox holds the VM's lock while its hooks run: no guard needed here
+            links.connect_ends(ctx.settings, vm.vmid, vm.links, ctx.log)
+        except AgentError as err:  # the VM runs; the service connects its ends on its next pass
+            ctx.log.warning("link ends not connected: %s; the service tries again", err, extra={"result": "failed"})
     if not vm.tap_qinq and not vm.ovs_nics:
         return
     links = _tap_links(ctx) if vm.tap_qinq else None

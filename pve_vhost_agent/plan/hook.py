@@ -11,7 +11,9 @@ either refuses (raises the AgentError the start is aborted with) or returns what
   QEMU would wait for it forever;
 - the OVS ports of the NICs it serves (ovs-vswitchd must open them before QEMU starts,
   which the flow waits for: `StartPlan.ports`);
-- room for the shared memory is only warned about (Proxmox starts a VM whatever is free).
+- room for the shared memory is only warned about (Proxmox starts a VM whatever is free);
+- link ends need nothing from their peer (either end starts first): the start says where
+  each will point, and warns when the underlay cannot carry a whole guest frame.
 
 `post_start_actions` puts QinQ on the taps pve-bridge plugged; `post_start_report` says
 how the ports and the taps' uplinks look. Post-stop is `plan.ovs.plan_vm_removal` and the
@@ -30,11 +32,13 @@ from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.formats.vmlayout import memory_layout
 from pve_vhost_agent.model.actions import Action, AddVhostPort, DelPort, MakeSocketDir, ReplaceVhostPort
 from pve_vhost_agent.model.host import Folder, HostMemory, Link
+from pve_vhost_agent.model.links import LinkFacts
 from pve_vhost_agent.model.notes import Note
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, VmSpec
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.capacity import capacity_warnings, shared_memory_need
+from pve_vhost_agent.plan.links import start_notes
 from pve_vhost_agent.plan.ovs import plan_tap_qinq, plan_vhost_ports
 from pve_vhost_agent.plan.start import served_spec, stale_args, start_config
 from pve_vhost_agent.plan.tapqinq import check_before_start, link_warnings
@@ -56,6 +60,7 @@ class StartView:
     external: Mapping[int, str | None] = dataclasses.field(default_factory=dict)  # NIC -> why no answer
     ovs: OvsState | None = None
     ovs_error: AgentError | None = None  # why `ovs` could not be read: raised once the local checks pass
+    links: LinkFacts | None = None  # where the link ends' peers are (None: not read)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +81,15 @@ def plan_pre_start(view: StartView) -> StartPlan:
     if stale:
         raise stale
     notes, warnings, actions = [], [], []
-    if vm.nics:
-        nics = ", ".join(nic.name for nic in vm.nics)
+    if vm.nics or vm.links:
+        nics = ", ".join(nic.name for nic in sorted((*vm.nics, *vm.links), key=lambda nic: nic.index))
         notes.append(Note(f"args line matches the spec ({nics})" + (f", as {start.resumes} runs it" if start.resumes else ""),
                           "CheckArgs"))
+    if vm.links and view.links is not None:
+        link_notes, link_warnings = start_notes(vm.links, view.links)
+        notes += [Note(text, "CheckLinks") for text in link_notes]
+        warnings += [Note(text, "CheckLinks") for text in link_warnings]
+    if vm.nics:
         need = shared_memory_need(memory_layout(start.values))
         warnings += [Note(text, "CheckMemory") for text in capacity_warnings(vm.vmid, need, view.memory)]
         for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):

@@ -20,10 +20,12 @@ import dataclasses
 import ipaddress
 from typing import Iterable, Mapping, Sequence
 
-from pve_vhost_agent.errors import ConfigConflict, NotFound, SpecError
+from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound, SpecError
+from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.model import names, spec
 from pve_vhost_agent.model.actions import Action, ConnectLink, DisconnectLink
+from pve_vhost_agent.model.links import Attached, LinkFacts, RunningLinks
 from pve_vhost_agent.model.names import Address
 from pve_vhost_agent.plan.declare import vm_nets
 
@@ -100,6 +102,37 @@ def _must_be_free(cluster: spec.ClusterSpec, vmid: int, index: int, config: VmCo
         raise ConfigConflict(f"VM {vmid} {entry.name} is already declared as {what}", "pick another netN for the link end")
 
 
+# --- what is observed -----------------------------------------------------------------
+
+
+def wanted_sockets(ends: Sequence[spec.LinkEnd], facts: LinkFacts) -> dict[int, "EndSocket | str"]:
+    return {end.index: end_socket(end, facts.here, facts.nodes.get(end.peer[0]), facts.addresses) for end in ends}
+
+
+def start_notes(ends: Sequence[spec.LinkEnd], facts: LinkFacts) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(notes, warnings) of a start about its link ends: where each will point (its socket
+    comes after QEMU starts, the peer need not run), and whether the underlay carries it."""
+    notes, warnings = [], []
+    for end in sorted(ends, key=lambda e: e.index):
+        want = end_socket(end, facts.here, facts.nodes.get(end.peer[0]), facts.addresses)
+        if isinstance(want, str):
+            warnings.append(f"VM {end.vmid} {end.name}: the link to {end.peer_end} stays dark: {want}")
+            continue
+        where = "this node" if want.peer_node == facts.here else f"node {want.peer_node}"
+        notes.append(f"link {end.name} to {end.peer_end} on {where}: UDP {_text(want.local)} -> {_text(want.remote)} "
+                     "once QEMU runs")
+        if want.peer_node != facts.here:
+            device, mtu = facts.underlay
+            warning = underlay_warning(end, want.local[0], device, mtu)
+            if warning:
+                warnings.append(warning)
+    return tuple(notes), tuple(warnings)
+
+
+def _text(address: Address) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
 # --- where a running end points -------------------------------------------------------
 
 
@@ -112,14 +145,15 @@ class EndSocket:
     peer_node: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Attached:
-    """A socket QEMU has on an end's hub, as its netdev ids say (names.link_netdevs)."""
-
-    index: int
-    local: Address
-    remote: Address
-    netdevs: tuple[str, ...]  # its hub port and socket ids, in the order to delete them
+def has_link_devices(args_line: str) -> bool:
+    """Do these args (say the ones a VM runs with) give it link end devices?"""
+    if "hubport" not in args_line:
+        return False
+    try:
+        words = qemuargs.agent_args(args_line)
+    except AgentError:
+        return False
+    return any("type=hubport" in word for word in words)
 
 
 def family(address: str) -> int:
@@ -141,14 +175,23 @@ def end_socket(end: spec.LinkEnd, here: str, peer_node: str | None, addresses: M
     return EndSocket((local, end.port), (remote, end.peer_port), peer_node)
 
 
+@dataclasses.dataclass(frozen=True)
+class LinkPlan:
+    """What a running QEMU's link ends need now, and what they wait for."""
+
+    actions: tuple[Action, ...] = ()
+    waiting: tuple[str, ...] = ()  # ends the running QEMU has no device for: at its next start
+    dark: tuple[str, ...] = ()  # ends that cannot point anywhere (a problem to fix)
+
+
 def plan_link_sockets(vmid: int, ends: Sequence[spec.LinkEnd], wanted: Mapping[int, EndSocket | str],
-                      attached: Sequence[Attached], devices: frozenset[int]) -> tuple[tuple[Action, ...], tuple[str, ...]]:
-    """What a running QEMU's link sockets need: (actions, notes). `devices`: the ends whose
-    hub QEMU has (its args had them when it started); `attached`: the sockets it has."""
+                      running: RunningLinks) -> LinkPlan:
+    """What a running QEMU's link sockets need. `running.devices`: the ends whose hub QEMU
+    has (its args had them when it started); `running.attached`: the sockets it has."""
     actions: list[Action] = []
-    notes: list[str] = []
+    waiting, dark = [], []
     by_index: dict[int, list[Attached]] = {}
-    for socket in attached:
+    for socket in running.attached:
         by_index.setdefault(socket.index, []).append(socket)
     declared = {end.index: end for end in ends}
     for index in sorted(set(by_index) - set(declared)):
@@ -157,21 +200,28 @@ def plan_link_sockets(vmid: int, ends: Sequence[spec.LinkEnd], wanted: Mapping[i
     for end in sorted(ends, key=lambda e: e.index):
         have = by_index.get(end.index, [])
         want = wanted.get(end.index, "its peer's node is not known")
-        if end.index not in devices:
-            notes.append(f"VM {vmid} {end.name}: the link to {end.peer_end} waits for the VM's next start "
-                         "(its running QEMU has no such device)")
+        if end.index not in running.devices:
+            waiting.append(f"VM {vmid} {end.name}: the link to {end.peer_end} waits for the VM's next start "
+                           "(its running QEMU has no such device)")
             continue
         if isinstance(want, str):
             if have:
                 actions.append(DisconnectLink(vmid, end.name, tuple(n for s in have for n in s.netdevs),
                                               f"the link to {end.peer_end} is dark: {want}"))
-            notes.append(f"VM {vmid} {end.name}: the link to {end.peer_end} is dark: {want}")
+            dark.append(f"VM {vmid} {end.name}: the link to {end.peer_end} is dark: {want}")
             continue
         if len(have) == 1 and (have[0].local, have[0].remote) == (want.local, want.remote):
             continue
         actions.append(ConnectLink(vmid, end.name, want.local, want.remote, end.peer_end, want.peer_node,
                                    tuple(n for s in have for n in s.netdevs)))
-    return tuple(actions), tuple(notes)
+    return LinkPlan(tuple(actions), tuple(waiting), tuple(dark))
+
+
+def connected_ends(ends: Sequence[spec.LinkEnd], wanted: Mapping[int, EndSocket | str],
+                   running: RunningLinks) -> tuple[spec.LinkEnd, ...]:
+    """The ends whose one socket points where it must (what `status` counts as connected)."""
+    return tuple(end for end in ends if isinstance(want := wanted.get(end.index), EndSocket)
+                 and [(s.local, s.remote) for s in running.attached if s.index == end.index] == [(want.local, want.remote)])
 
 
 # --- the underlay ---------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Pure. Hooks cannot cover everything: after a live migration the source runs no stop
 hook, a QEMU start that fails after pre-start runs none, a re-plugged tap (tag, trunks
 or firewall changed on a running VM) loses its QinQ with no hook, and `qm set --memory`
-on a stopped VM makes its memory backend size stale. So the service compares, every
-pass, what is declared with what is there, using the same planners as `apply` and the
-hook phases.
+on a stopped VM makes its memory backend size stale, and a link end's peer may move to
+another node (its running QEMU's socket must then point there). So the service compares,
+every pass, what is declared with what is there, using the same planners as `apply` and
+the hook phases.
 
 A VM whose Proxmox lock is held (a start, stop, migration or `qm set` under way) is never
 touched: between pre-start and QEMU's pidfile its ports are needed. Actions that depend
@@ -24,6 +25,7 @@ from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import sync_args
+from pve_vhost_agent.plan.links import plan_link_sockets, wanted_sockets
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.plan.ovs import plan_gc, plan_live_vhost_ports, plan_tap_qinq
 
@@ -63,6 +65,14 @@ def plan_node(state: NodeState) -> NodePlan:
                     later += waiting
                     ports += vm_ports
                     guards.update({a.vmid: True for a in vm_ports if getattr(a, "vmid", None) is not None})
+                if vm.vmid in state.links and state.link_facts is not None:
+                    ends = state.spec.for_vm(vm.vmid).links
+                    decided = plan_link_sockets(vm.vmid, ends, wanted_sockets(ends, state.link_facts),
+                                                state.links[vm.vmid])
+                    ports += decided.actions
+                    later += decided.waiting
+                    problems += [Problem(vm.vmid, line) for line in decided.dark]
+                    guards.update({a.vmid: True for a in decided.actions})
             except AgentError as err:
                 problems.append(Problem.of(err, vm.vmid))
     live = state.running | state.busy

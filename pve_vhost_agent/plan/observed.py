@@ -12,6 +12,7 @@ from typing import Mapping
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
+from pve_vhost_agent.model.links import LinkFacts, RunningLinks
 from pve_vhost_agent.model.names import is_agent_hook
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
@@ -68,6 +69,10 @@ class NodeState:
     socket_dirs: Mapping[Backend, Path] = dataclasses.field(default_factory=dict)
     qemu_version: tuple[int, int, int] | None = None
     problems: tuple[Problem, ...] = ()
+    # Link ends: what the running QEMU of each enabled VM with link ends has (VMs whose
+    # QEMU could not be asked are left out), and where their peers are.
+    links: Mapping[int, RunningLinks] = dataclasses.field(default_factory=dict)
+    link_facts: LinkFacts | None = None
 
     @property
     def enabled_vms(self) -> tuple[LocalVm, ...]:

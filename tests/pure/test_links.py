@@ -16,8 +16,10 @@ from pve_vhost_agent.model import names, spec
 from pve_vhost_agent.model.actions import ConnectLink, DisconnectLink
 from pve_vhost_agent.model.spec import ClusterSpec, LinkEnd, VhostNic, VmSpec
 from pve_vhost_agent.plan.args import plan_args
-from pve_vhost_agent.plan.links import (Attached, EndSocket, add_link, end_socket, free_ports, plan_link_sockets,
-                                        remove_link, underlay_warning)
+from pve_vhost_agent.formats.qemunet import running_links
+from pve_vhost_agent.model.links import Attached, LinkFacts, RunningLinks
+from pve_vhost_agent.plan.links import (EndSocket, LinkPlan, add_link, connected_ends, end_socket, free_ports,
+                                        plan_link_sockets, remove_link, start_notes, underlay_warning)
 from pve_vhost_agent.plan.start import served_spec, start_config
 
 MAC_A, MAC_B = "02:00:00:00:0A:01", "02:00:00:00:0B:01"
@@ -314,25 +316,32 @@ def attached(sock: EndSocket, index=2) -> Attached:
     return Attached(index, sock.local, sock.remote, (hup, udp))
 
 
+def running(*sockets: EndSocket, devices=frozenset({2})) -> RunningLinks:
+    return RunningLinks(frozenset(devices), tuple(attached(s) for s in sockets))
+
+
 def test_a_running_end_gets_its_socket_once_and_follows_its_peer_to_another_node():
     a, _ = link()
-    actions, notes = plan_link_sockets(100, (a,), {2: LOCAL}, (), frozenset({2}))
-    assert actions == (ConnectLink(100, "net2", LOCAL.local, LOCAL.remote, "101:net3", "pve1"),) and notes == ()
-    assert actions[0].sentence() == f"connect link net2 to 101:net3 on pve1 (127.0.0.1:{P0} -> 127.0.0.1:{P1})"
-    assert plan_link_sockets(100, (a,), {2: LOCAL}, (attached(LOCAL),), frozenset({2})) == ((), ())
-    (moved,), _ = plan_link_sockets(100, (a,), {2: REMOTE}, (attached(LOCAL),), frozenset({2}))
+    first = plan_link_sockets(100, (a,), {2: LOCAL}, running())
+    assert first == LinkPlan((ConnectLink(100, "net2", LOCAL.local, LOCAL.remote, "101:net3", "pve1"),))
+    assert first.actions[0].sentence() == f"connect link net2 to 101:net3 on pve1 (127.0.0.1:{P0} -> 127.0.0.1:{P1})"
+    assert plan_link_sockets(100, (a,), {2: LOCAL}, running(LOCAL)) == LinkPlan()
+    assert connected_ends((a,), {2: LOCAL}, running(LOCAL)) == (a,)
+    (moved,) = plan_link_sockets(100, (a,), {2: REMOTE}, running(LOCAL)).actions
     assert moved.replaces == attached(LOCAL).netdevs and moved.sentence().startswith("re-point link net2")
+    assert connected_ends((a,), {2: REMOTE}, running(LOCAL)) == ()
+    (twice,) = plan_link_sockets(100, (a,), {2: LOCAL}, running(LOCAL, REMOTE)).actions
+    assert twice.replaces == attached(LOCAL).netdevs + attached(REMOTE).netdevs
 
 
 def test_a_removed_link_is_disconnected_a_dark_one_too_and_a_new_one_waits_for_the_next_start():
     a, _ = link()
-    (gone,), _ = plan_link_sockets(100, (), {}, (attached(LOCAL),), frozenset({2}))
+    (gone,) = plan_link_sockets(100, (), {}, running(LOCAL)).actions
     assert gone == DisconnectLink(100, "net2", attached(LOCAL).netdevs, "no link is declared on it any more")
-    (dark,), (note,) = plan_link_sockets(100, (a,), {2: "VM 101 has no config on any node"}, (attached(LOCAL),),
-                                         frozenset({2}))
-    assert isinstance(dark, DisconnectLink) and "is dark: VM 101 has no config" in note
-    assert plan_link_sockets(100, (a,), {2: LOCAL}, (), frozenset())[1] == (
-        "VM 100 net2: the link to 101:net3 waits for the VM's next start (its running QEMU has no such device)",)
+    dark = plan_link_sockets(100, (a,), {2: "VM 101 has no config on any node"}, running(LOCAL))
+    assert isinstance(dark.actions[0], DisconnectLink) and "is dark: VM 101 has no config" in dark.dark[0]
+    assert plan_link_sockets(100, (a,), {2: LOCAL}, running(devices=())) == LinkPlan(waiting=(
+        "VM 100 net2: the link to 101:net3 waits for the VM's next start (its running QEMU has no such device)",))
 
 
 @pytest.mark.parametrize("address, mtu, link_mtu, words", [
@@ -348,3 +357,41 @@ def test_the_underlay_must_carry_a_whole_guest_frame(address, mtu, link_mtu, wor
     assert warning is None if words is None else words in warning
     if warning and mtu:
         assert f"--mtu {mtu - (42 if '.' in address else 62)}" in warning
+
+
+# --- what a running QEMU says, and what a start says ----------------------------------
+
+INFO_NETWORK = (  # QEMU 7.2 and 10.0 print it alike
+    "hub 1002\r\n"
+    f" \\ vhu-hup2-7f000001-{P0}-7f000001-{P1}: vhu-udp2-7f000001-{P0}-7f000001-{P1}: index=0,type=dgram,fd=11 inet\r\n"
+    " \\ vhu-net2: vhu-net2: index=0,type=nic,model=virtio-net-pci,macaddr=02:00:00:00:0a:01\r\n"
+    "hub 1005\r\n"
+    " \\ vhu-net5: vhu-net5: index=0,type=nic,model=virtio-net-pci,macaddr=02:00:00:00:0a:05\r\n"
+    "hub 0\r\n \\ hub0port0: user.0: index=0,type=user,net=10.0.2.0\r\n"
+    f"vhu-udp7-7f000001-{P0 + 4}-7f000001-{P0 + 5}: index=0,type=dgram,fd=12 inet\r\n"
+    "net0: index=0,type=tap,ifname=tap100i0,script=/var/lib/qemu-server/pve-bridge\r\n"
+)
+
+
+def test_info_network_gives_the_hubs_and_the_sockets_on_them_hub_port_first():
+    found = running_links(INFO_NETWORK)
+    assert found.devices == frozenset({2, 5})
+    assert found.attached == (
+        attached(LOCAL),
+        Attached(7, ("127.0.0.1", P0 + 4), ("127.0.0.1", P0 + 5), (f"vhu-udp7-7f000001-{P0 + 4}-7f000001-{P0 + 5}",)),
+    )
+    assert running_links("") == RunningLinks()
+
+
+def test_a_start_says_where_each_end_will_point_and_warns_when_the_underlay_is_too_small():
+    a, _ = link()
+    near = end(index=4, peer=(102, 1), port=P0 + 6, peer_port=P0 + 7, mac="02:00:00:00:0A:04")
+    lost = end(index=5, peer=(103, 1), port=P0 + 8, peer_port=P0 + 9, mac="02:00:00:00:0A:05", mtu=1500)
+    facts = LinkFacts("pve1", {101: "pve2", 102: "pve1", 103: None}, ADDRESSES, ("vmbr0", 1500))
+    notes, warnings = start_notes((lost, near, a), facts)
+    assert notes == (f"link net2 to 101:net3 on node pve2: UDP 192.0.2.11:{P0} -> 192.0.2.12:{P1} once QEMU runs",
+                     f"link net4 to 102:net1 on this node: UDP 127.0.0.1:{P0 + 6} -> 127.0.0.1:{P0 + 7} once QEMU runs")
+    assert warnings == ("VM 100 net5: the link to 103:net1 stays dark: VM 103 has no config on any node",)
+    far = LinkFacts("pve1", {101: "pve2"}, ADDRESSES, ("vmbr0", 1400))
+    (warning,) = start_notes((a,), far)[1]
+    assert "needs an underlay MTU of 1500" in warning and "vmbr0 has 1400" in warning
