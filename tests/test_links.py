@@ -227,3 +227,15 @@ def test_link_add_refuses_what_a_vhost_user_nic_would_be_refused(lab):
     assert "takes pci.0 slot 0x14, the slot of the agent's vhu-net2" in slot
     assert not (lab.cluster.pve / "pve-vhost-agent" / f"{a}.cfg").exists()
     assert "is not a link end" in lab.cli("pve1", "link", "add", f"{a}-net1", f"{b}:net1", code=2).stderr
+
+
+def test_a_start_warns_when_the_cluster_network_cannot_carry_a_whole_guest_frame(lab):
+    a = lab.vm("pve1", "r5")
+    b = lab.vm("pve2", "r6")
+    lab.cli("pve1", "link", "add", f"{a}:net1", f"{b}:net1", "--mtu", "1500")
+    lab.cli("pve1", "enable", str(a))
+    started = lab.qm("pve1").start(a)  # a warning, not a refusal: fragments still arrive, slowly
+    assert re.search(f"the link to {b}:net1 has guest MTU 1500, which needs an underlay MTU of 1542 "
+                     rf"\(IPv4: 42 bytes of tunnel\), but {PREFIX}\w+ has 1500", started.task.text), started.task.text
+    assert "re-add the link with --mtu 1458" in started.task.text
+    lab.qm("pve1").stop(a)
