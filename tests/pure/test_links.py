@@ -395,3 +395,22 @@ def test_a_start_says_where_each_end_will_point_and_warns_when_the_underlay_is_t
     far = LinkFacts("pve1", {101: "pve2"}, ADDRESSES, ("vmbr0", 1400))
     (warning,) = start_notes((a,), far)[1]
     assert "needs an underlay MTU of 1500" in warning and "vmbr0 has 1400" in warning
+
+
+def test_nic_and_qinq_commands_refuse_a_link_end():
+    from pve_vhost_agent.model.fields import NicChange
+    from pve_vhost_agent.plan import declare
+
+    a, b = link()
+    cluster = ClusterSpec(links=(a, b))
+    config = vm_config()
+    with pytest.raises(ConfigConflict, match="net2 is the end of a link to 101:net3"):
+        declare.add_nic(cluster, 100, 2, NicChange({"bridge": "br0"}), config, macs())
+    for rule in (lambda: declare.set_nic(cluster, 100, 2, NicChange({"queues": 2}), config),
+                 lambda: declare.remove_nic(cluster, 100, 2)):
+        with pytest.raises(ConfigConflict, match="not a vhost-user NIC"):
+            rule()
+    with pytest.raises(ConfigConflict, match="QinQ is for Proxmox's own NICs"):
+        declare.set_tap_qinq(cluster, 100, 2, spec.QinQ(950), config)
+    with pytest.raises(SpecError, match=f"MAC {MAC_A} is already used by VM 100 net2"):
+        declare.add_nic(cluster, 100, 1, NicChange({"bridge": "br0", "mac": MAC_A}), config, macs())
