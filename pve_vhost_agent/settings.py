@@ -109,6 +109,15 @@ class Settings:
     def qemu_pidfile(self, vmid: int) -> Path:
         return self.host_path("/var/run/qemu-server") / f"{vmid}.pid"
 
+    def qmp_socket(self, vmid: int) -> Path:
+        """Proxmox's QMP socket of a running VM."""
+        return self.host_path("/var/run/qemu-server") / f"{vmid}.qmp"
+
+    @property
+    def corosync_conf(self) -> Path:
+        """The cluster's node list, with each node's address (links between nodes use it)."""
+        return self.pve_dir / "corosync.conf"
+
     @property
     def run_dir(self) -> Path:
         return self.host_path("/run/pve-vhost-agent")

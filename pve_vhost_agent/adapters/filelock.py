@@ -1,4 +1,4 @@
-"""An exclusive flock on a file, waited for a bounded time: Proxmox's VM locks, the agent's links lock."""
+"""An exclusive flock on a file, waited for a bounded time: Proxmox's VM locks, the agent's netdev lock."""
 
 from __future__ import annotations
 

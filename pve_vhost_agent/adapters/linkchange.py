@@ -1,9 +1,9 @@
 """Changing links for QinQ on Proxmox's Linux bridges, through netlink (pyroute2).
 
-The actions of plan/lbqinq are applied under the agent's links lock (an flock on
-/var/lock/pve-vhost-agent-links.lck: hooks and the service never change these devices at
+The actions of plan/lbqinq are applied under the agent's netdev lock (an flock on
+/var/lock/pve-vhost-agent-netdev.lck: hooks and the service never change these devices at
 once), each against a fresh reading of the links. What they create may exist already;
-a device is changed or removed only while it carries the agent's mark (model/links), and
+a device is changed or removed only while it carries the agent's mark (model/netdevs), and
 an S-VLAN bridge is removed only while no QinQ tap uses it. The agent's devices get no
 IPv6 link-local address (addrgenmode none): the host must not speak into a customer's
 S-VLAN.
@@ -23,28 +23,28 @@ from pve_vhost_agent.adapters.filelock import flocked
 from pve_vhost_agent.adapters.linkstate import VLAN_INFO_PVID, VLAN_INFO_UNTAGGED, observe
 from pve_vhost_agent.errors import AgentError, AgentTimeout, NetworkRefused, NotFound
 from pve_vhost_agent.model.actions import Action, AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
-from pve_vhost_agent.model.links import (
+from pve_vhost_agent.model.netdevs import (
     ROLE_PEER, ROLE_SBRIDGE, ROLE_SVLAN, ROLE_TAP, ROLE_TRUNK, TPID, BridgeVlan, LinkInfo, LinkMark, SVlanBridge,
     filter_rules, svlan_key,
 )
 from pve_vhost_agent.settings import Settings
 
-LOCK_FILE = "/var/lock/pve-vhost-agent-links.lck"  # next to Proxmox's own (/var/lock/pve-network.lck)
+LOCK_FILE = "/var/lock/pve-vhost-agent-netdev.lck"  # next to Proxmox's own (/var/lock/pve-network.lck)
 LOCK_TIMEOUT = 5.0  # seconds; the lock is held only for netlink calls
 VLAN_MIN, VLAN_MAX = 1, 4094
 IN6_ADDR_GEN_MODE_NONE = 1
 
 
-def links_lock(settings: Settings):
-    """The agent's links lock: held while links are observed, planned for and changed."""
+def netdev_lock(settings: Settings):
+    """The agent's netdev lock: held while links are observed, planned for and changed."""
     path = settings.host_path(LOCK_FILE)
     return flocked(path, LOCK_TIMEOUT, lambda: AgentTimeout(
-        f"the links lock {path} is held by another agent process",
-        "retry; if it stays held, see which process holds it (fuser)"), "links lock")
+        f"the netdev lock {path} is held by another agent process",
+        "retry; if it stays held, see which process holds it (fuser)"), "netdev lock")
 
 
 class LinkChanger:
-    """Applies netlink actions over one IPRoute (call under the links lock)."""
+    """Applies netlink actions over one IPRoute (call under the netdev lock)."""
 
     def __init__(self) -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from pve_vhost_agent.errors import AgentError
-from pve_vhost_agent.model.links import (
+from pve_vhost_agent.model.netdevs import (
     ETH_P_8021Q, FILTER_PREF_DROP, FILTER_PREF_FIRST, MARK, BridgeVlan, LinkInfo, LinkState, TcFilter,
 )
 from pve_vhost_agent.model.names import TAP

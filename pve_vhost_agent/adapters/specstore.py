@@ -146,7 +146,7 @@ def _load_legacy(settings: Settings) -> ClusterSpec | None:
 
 def _write_vm_file(settings: Settings, vmid: int, part: ClusterSpec) -> None:
     path = settings.vm_spec_file(vmid)
-    if not (part.nics or part.tap_qinq or part.hooks):
+    if not (part.nics or part.tap_qinq or part.hooks or part.links):
         pvefs.remove(path)
         return
     try:
@@ -163,13 +163,13 @@ def _all_vmids(cluster: ClusterSpec) -> list[int]:
 
 def _only(cluster: ClusterSpec, vmid: int) -> ClusterSpec:
     vm = cluster.for_vm(vmid)
-    return ClusterSpec(vm.nics, vm.tap_qinq, (vm.chained_hook,) if vm.chained_hook else ())
+    return ClusterSpec(vm.nics, vm.tap_qinq, (vm.chained_hook,) if vm.chained_hook else (), vm.links)
 
 
 def _merged(parts: list[ClusterSpec]) -> ClusterSpec:
-    """One spec of all VMs' (the cluster-wide checks, unique MACs, apply to the whole)."""
+    """One spec of all VMs' (the cluster-wide checks, unique MACs and link ports, apply to the whole)."""
     return ClusterSpec(tuple(n for p in parts for n in p.nics), tuple(q for p in parts for q in p.tap_qinq),
-                       tuple(h for p in parts for h in p.hooks))
+                       tuple(h for p in parts for h in p.hooks), tuple(e for p in parts for e in p.links))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """The C-VLAN filters of a QinQ tap: tc filters on a clsact qdisc, through pyroute2.
 
-A rule (model/links.FilterRule) passing C-VLANs `first`-`last` is a `basic` filter for
+A rule (model/netdevs.FilterRule) passing C-VLANs `first`-`last` is a `basic` filter for
 802.1Q frames whose VLAN id (the `vlan_tag` meta match, PCP and DEI masked off) lies in
 the range, with action `ok`; the last rule of each way is a `matchall` that drops. Only
 filters in the agent's pref band are ever changed or removed.
@@ -12,7 +12,7 @@ from typing import Iterable
 
 from pve_vhost_agent.adapters.linkstate import CLSACT_PARENTS, read_filters
 from pve_vhost_agent.errors import NetworkRefused
-from pve_vhost_agent.model.links import ETH_P_8021Q, FilterRule
+from pve_vhost_agent.model.netdevs import ETH_P_8021Q, FilterRule
 
 VLAN_ID_MASK = 0x0FFF
 

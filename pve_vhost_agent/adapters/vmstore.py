@@ -69,6 +69,13 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
     raise AgentError(f"the config of VM {vmid} keeps moving between nodes", "wait for its migration to end, then retry")
 
 
+def vm_node(settings: Settings, vmid: int) -> str | None:
+    """The node whose folder holds VM `vmid`'s config (where it runs or would start), or
+    None when no node has it (or several do)."""
+    paths = list(settings.nodes_dir().glob(f"*/qemu-server/{vmid}.conf"))
+    return paths[0].parent.parent.name if len(paths) == 1 else None
+
+
 def local_vm_configs(settings: Settings, files: pvefs.ParsedFiles | None = None) -> list[tuple[int, VmConfig | AgentError]]:
     """This node's VM configs by id, in id order; an unreadable one as its error (one bad
     file must not hide the others). A config that vanished meanwhile (migrated) is left out.

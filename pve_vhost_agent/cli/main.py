@@ -44,9 +44,9 @@ def run() -> None:
 
 
 # Subcommand modules, one per group; each exports `COMMANDS`.
-from pve_vhost_agent.cli import doctor, hook, nic, ovs, service, vm  # noqa: E402  (imported after `main` exists)
+from pve_vhost_agent.cli import doctor, hook, link, nic, ovs, service, vm  # noqa: E402  (imported after `main` exists)
 
-SUBCOMMAND_MODULES: tuple = (nic, vm, ovs, hook, service, doctor)
+SUBCOMMAND_MODULES: tuple = (nic, link, vm, ovs, hook, service, doctor)
 
 for _module in SUBCOMMAND_MODULES:
     for _command in _module.COMMANDS:

@@ -11,7 +11,8 @@ makes it so, or refuses; the other phases do their part and only warn.
   connects, so a missing port or server would hang the start. Room for the shared
   memory is only warned about.
 - post-start: QinQ on Proxmox's tap ports (plugged while QEMU started), on Open vSwitch or
-  Linux bridges (flows/lbqinq); port states logged.
+  Linux bridges (flows/lbqinq); port states logged; each link end gets its UDP socket
+  (flows/links.py), also on a migration target.
 - pre-stop: nothing destructive (it does not run when the guest powers off or crashes).
 - post-stop: the VM's own OVS ports, S-VLAN devices and sockets go, taps get Proxmox's
   settings back.
@@ -218,12 +219,12 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
 def _pre_start(ctx: HookContext) -> None:
     settings, vm = ctx.settings, ctx.vm
     config = _config_at_start(ctx)
-    links = lbqinq.start_links(vm)
-    ovs_part = lbqinq.ovs_part(vm, start_config(config, ctx.call.migrated_from).values, links)
+    netdevs = lbqinq.start_links(vm)
+    ovs_part = lbqinq.ovs_part(vm, start_config(config, ctx.call.migrated_from).values, netdevs)
     needs_ovs = bool(ovs_part.tap_qinq or vm.ovs_nics)
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_vm_ovsdb(settings, vm.vmid)) if needs_ovs else None
-        plan = plan_pre_start(dataclasses.replace(_observe_start(settings, ctx.call, vm, config, db), links=links))
+        plan = plan_pre_start(dataclasses.replace(_observe_start(settings, ctx.call, vm, config, db), netdevs=netdevs))
         _say(ctx, plan.notes, plan.warnings)
         if plan.ports and not any(a.target == OVS for a in plan.actions):
             ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
@@ -240,6 +241,8 @@ def _pre_start(ctx: HookContext) -> None:
 def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig, db: Ovsdb | None) -> StartView:
     """Everything pre-start decides on, read once: what the VM does not need is not read."""
     view = StartView(vm, config, call.migrated_from, settings.socket_dirs())
+    if vm.links:
+        view = dataclasses.replace(view, links=_link_facts(settings, vm))
     if db is not None:
         try:
             view = dataclasses.replace(view, ovs=db.snapshot())
@@ -257,6 +260,18 @@ def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmCon
                                                  EXTERNAL_CONNECT_TIMEOUT)
                   for nic in vm.nics if nic.backend is Backend.EXTERNAL},
     )
+
+
+def _link_facts(settings: Settings, vm: VmSpec):
+    """Where the link ends' peers are; None (the start goes on, it only says less) when
+    that cannot be read: a start needs nothing from its peers."""
+    from pve_vhost_agent.flows import links as vm_links  # only a VM with link ends needs them
+
+    try:
+        return vm_links.facts_for(settings, vm.links)
+    except AgentError as err:
+        log.warning("link ends not checked: %s", err, extra={"vmid": vm.vmid, "result": "failed"})
+        return None
 
 
 def _qemu_version(settings: Settings) -> tuple[int, int, int]:
@@ -282,6 +297,13 @@ def _post_start(ctx: HookContext) -> None:
     start = start_config(ctx.config, ctx.call.migrated_from) if ctx.config else None
     vm = served_spec(ctx.vm, start) if start else ctx.vm
     vm = lbqinq.post_start(ctx.settings, vm, start.values if start else {}, ctx.log)
+    if vm.links:
+        from pve_vhost_agent.flows import links as vm_links  # only a VM with link ends needs QMP
+
+        try:  # Proxmox holds the VM's lock while its hooks run: no guard needed here
+            vm_links.connect_ends(ctx.settings, vm.vmid, vm.links, ctx.log)
+        except AgentError as err:  # the VM runs; the service connects its ends on its next pass
+            ctx.log.warning("link ends not connected: %s; the service tries again", err, extra={"result": "failed"})
     if not vm.tap_qinq and not vm.ovs_nics:
         return
     links = _tap_links(ctx) if vm.tap_qinq else None

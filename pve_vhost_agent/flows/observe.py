@@ -17,9 +17,12 @@ from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb, Scope
 from pve_vhost_agent.adapters.specstore import load_spec
 from pve_vhost_agent.adapters.vmstore import held_vm_locks, local_vm_configs, vm_running
 from pve_vhost_agent.errors import AgentError, OvsUnavailable
+from pve_vhost_agent.formats.vmconfig import MAIN
+from pve_vhost_agent.model.links import LinkFacts, RunningLinks
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
+from pve_vhost_agent.plan.links import has_link_devices
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
 
@@ -96,12 +99,14 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
             busy.add(vmid)
         if vm_running(settings, vmid):
             running.add(vmid)
-    links = None
+    netdevs = None
     try:  # every pass: a leftover S-VLAN bridge is found by its mark, whatever is declared
-        links = read_link_state(tap.port_name for vm in vms if vm.enabled and spec is not None
-                                for tap in spec.for_vm(vm.vmid).tap_qinq)
+        netdevs = read_link_state(tap.port_name for vm in vms if vm.enabled and spec is not None
+                                  for tap in spec.for_vm(vm.vmid).tap_qinq)
     except AgentError as err:
         problems.append(Problem.of(err))
+    links, link_facts, link_problems = _observe_links(settings, spec, vms, running, busy)
+    problems += link_problems
     version = None
     if spec is not None and any(spec.for_vm(vm.vmid).nics for vm in vms if vm.enabled):
         try:
@@ -120,8 +125,35 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
         qemu_version=version,
         problems=tuple(problems),
         cluster_fs=cluster_fs,
+        netdevs=netdevs,
         links=links,
+        link_facts=link_facts,
     )
+
+
+def _observe_links(settings: Settings, spec: ClusterSpec | None, vms: tuple[LocalVm, ...], running: set[int],
+                   busy: set[int]) -> tuple[dict[int, RunningLinks], LinkFacts | None, list[Problem]]:
+    """The link ends of this node's running enabled VMs, as their QEMU has them (asked over
+    QMP; never a busy VM's: Proxmox may be talking to it), and where their peers are."""
+    if spec is None:
+        return {}, None, []
+    wanted = [vm for vm in vms if vm.enabled and vm.vmid in running and vm.vmid not in busy
+              and (spec.for_vm(vm.vmid).links or has_link_devices(vm.config.section(MAIN).get("args", "")))]
+    if not wanted:
+        return {}, None, []
+    from pve_vhost_agent.adapters import links  # QMP, only for VMs with link ends
+
+    found, problems = {}, []
+    for vm in wanted:
+        try:
+            found[vm.vmid] = links.observe(settings, vm.vmid)
+        except AgentError as err:
+            problems.append(Problem.of(err, vm.vmid))
+    try:
+        peers = {end.peer[0] for vm in wanted for end in spec.for_vm(vm.vmid).links}
+        return found, links.facts(settings, peers), problems
+    except AgentError as err:
+        return found, None, problems + [Problem.of(err)]
 
 
 def _local_vms(settings: Settings, caches: Caches) -> tuple[tuple[LocalVm, ...], list[Problem]]:

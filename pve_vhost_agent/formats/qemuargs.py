@@ -302,14 +302,24 @@ def check_user_args(line: str, planned: Sequence[str], vmid: int, root_bus: str 
     for pair in plan_pairs:
         if pair.kind == "device":
             slots[pci_slot(pair.props, root_bus)] = pair.props["id"]
+    hubs = {pair.props.get("hubid"): pair.props["id"] for pair in plan_pairs
+            if pair.kind == "netdev" and pair.props.get("type") == "hubport"}
     adds_memory = any(pair.kind == "object" for pair in plan_pairs)
     for pair in option_pairs(tokens):
         if is_agent_owned(pair):
             continue
-        problem = _clash(pair, slots, adds_memory, root_bus, vmid)
+        problem = _clash(pair, slots, adds_memory, root_bus, vmid) or _hub_clash(pair, hubs, vmid)
         if problem:
             reason, fix = problem
             raise ConfigConflict(f"VM {vmid} args have `{pair.written(line)}`, which {reason}", fix)
+
+
+def _hub_clash(pair: OptionPair, hubs: dict, vmid: int) -> tuple[str, str] | None:
+    """A hub port of the user's on the QEMU hub of a link end would join that link."""
+    if pair.kind in ("netdev", "nic") and pair.props.get("hubid") in hubs:
+        return (f"joins QEMU hub {pair.props['hubid']}, the hub of the agent's link end {hubs[pair.props['hubid']]}",
+                f"give it another hubid in the VM's args (qm set {vmid} --args '...')")
+    return None
 
 
 def _clash(pair: OptionPair, slots: dict, adds_memory: bool, root_bus: str, vmid: int) -> tuple[str, str] | None:

@@ -8,6 +8,7 @@ parsing cannot drift apart.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 MAX_NICS = 32  # Proxmox's net0 .. net31
@@ -50,6 +51,7 @@ ARGS_NIC_ID = VmNicName("vhu-net{index}")  # id of the chardev, netdev and devic
 
 ARGS_PREFIX = "vhu-"  # every id or reference in args starting with this is the agent's
 ARGS_MEMORY_ID = "vhu-mem"  # the shared guest memory backend
+LINK_HUB_BASE = 1000  # a link end netN's device sits on QEMU hub 1000+N (hub ids 1000-1031)
 
 # Guest-side devices Proxmox makes (VM taps, container veths, firewall links): never uplinks.
 _GUEST_DEVICE = re.compile(r"(tap|veth|fwln|fwpr)[0-9]+[iop][0-9]+")
@@ -159,3 +161,62 @@ def is_agent_hook(value: str | None) -> bool:
 def vm_port_names(vmid: int) -> tuple[str, ...]:
     """Every OVS port name that can be the VM's: its vhost-user ports and Proxmox's taps."""
     return tuple(VHOST_PORT(vmid, i) for i in range(MAX_NICS)) + tuple(TAP(vmid, i) for i in range(MAX_NICS))
+
+
+# --- VM-to-VM links ------------------------------------------------------------------
+
+_END = re.compile(r"([0-9]{1,9}):net([0-9]{1,2})")
+
+
+def end_name(vmid: int, index: int) -> str:
+    """A link end as the operator writes it: `100:net2`."""
+    return f"{vmid}:{nic_name(index)}"
+
+
+def parse_end_name(text: str) -> tuple[int, int] | None:
+    """`100:net2` -> (100, 2); None for anything `end_name` does not make."""
+    match = _END.fullmatch(text.strip())
+    if not match:
+        return None
+    vmid, index = int(match[1]), int(match[2])
+    return (vmid, index) if index < MAX_NICS and end_name(vmid, index) == text.strip() else None
+
+
+def link_hub(index: int) -> int:
+    """The QEMU hub id of link end netN (the device's netdev is a port of it)."""
+    return LINK_HUB_BASE + index
+
+
+# A link end's live UDP socket is a pair of netdevs QEMU gets at run time (never in args):
+# `vhu-udp<N>-<local>-<remote>` (the socket) on hub port `vhu-hup<N>-<local>-<remote>`,
+# each address written as <hex of the IP>-<port>, so QEMU's own list of netdevs says
+# where each end points.
+_LINK_NETDEV = re.compile(r"vhu-(udp|hup)([0-9]{1,2})-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})"
+                          r"-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})")
+Address = tuple[str, int]  # (IP address as text, UDP port)
+
+
+def _hexip(ip: str) -> str:
+    return ipaddress.ip_address(ip).packed.hex()
+
+
+def _iphex(text: str) -> str:
+    return str(ipaddress.ip_address(bytes.fromhex(text)))
+
+
+def link_netdevs(index: int, local: Address, remote: Address) -> tuple[str, str]:
+    """(socket netdev id, hub port id) of link end netN bound to `local`, sending to `remote`."""
+    tag = f"{_hexip(local[0])}-{local[1]}-{_hexip(remote[0])}-{remote[1]}"
+    return f"vhu-udp{index}-{tag}", f"vhu-hup{index}-{tag}"
+
+
+def parse_link_netdev(name: str) -> tuple[str, int, Address, Address] | None:
+    """('udp' or 'hup', N, local, remote) for an id `link_netdevs` makes; None otherwise."""
+    match = _LINK_NETDEV.fullmatch(name)
+    if not match:
+        return None
+    kind, index = match[1], int(match[2])
+    local, remote = (_iphex(match[3]), int(match[4])), (_iphex(match[5]), int(match[6]))
+    if index >= MAX_NICS or link_netdevs(index, local, remote)[0 if kind == "udp" else 1] != name:
+        return None
+    return kind, index, local, remote

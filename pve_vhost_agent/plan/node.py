@@ -3,9 +3,10 @@
 Pure. Hooks cannot cover everything: after a live migration the source runs no stop
 hook, a QEMU start that fails after pre-start runs none, a re-plugged tap (tag, trunks
 or firewall changed on a running VM) loses its QinQ with no hook, and `qm set --memory`
-on a stopped VM makes its memory backend size stale. So the service compares, every
-pass, what is declared with what is there, using the same planners as `apply` and the
-hook phases.
+on a stopped VM makes its memory backend size stale, and a link end's peer may move to
+another node (its running QEMU's socket must then point there). So the service compares,
+every pass, what is declared with what is there, using the same planners as `apply` and
+the hook phases.
 
 A VM whose Proxmox lock is held (a start, stop, migration or `qm set` under way) is never
 touched: between pre-start and QEMU's pidfile its ports are needed. Actions that depend
@@ -28,6 +29,7 @@ from pve_vhost_agent.model.spec import Backend
 from pve_vhost_agent.plan import lbqinq
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import sync_args
+from pve_vhost_agent.plan.links import plan_link_sockets, wanted_sockets
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.plan.ovs import plan_gc, plan_live_vhost_ports, plan_tap_qinq
 
@@ -71,10 +73,18 @@ def plan_node(state: NodeState) -> NodePlan:
                     later += waiting
                     ports += vm_ports
                     guards.update({a.vmid: True for a in vm_ports if getattr(a, "vmid", None) is not None})
-                if vm.vmid in state.running and state.links is not None:
+                if vm.vmid in state.running and state.netdevs is not None:
                     taps = _linux_taps(vm, state)
                     ports += taps
                     guards.update({a.vmid: True for a in taps if getattr(a, "vmid", None) is not None})
+                if vm.vmid in state.links and state.link_facts is not None:
+                    ends = state.spec.for_vm(vm.vmid).links
+                    decided = plan_link_sockets(vm.vmid, ends, wanted_sockets(ends, state.link_facts),
+                                                state.links[vm.vmid])
+                    ports += decided.actions
+                    later += decided.waiting
+                    problems += [Problem(vm.vmid, line) for line in decided.dark]
+                    guards.update({a.vmid: True for a in decided.actions})
             except AgentError as err:
                 problems.append(Problem.of(err, vm.vmid))
             except Exception as err:  # noqa: BLE001 - a bug in one VM's planning must not stop the others'
@@ -114,8 +124,8 @@ def _not_enabled(vm: LocalVm) -> Problem:
 def _live_ports(vm: LocalVm, state: NodeState) -> tuple[tuple[Action, ...], tuple[str, ...]]:
     """A running VM's vhost-user ports and tap QinQ (on Open vSwitch) as declared again."""
     spec = state.spec.for_vm(vm.vmid)
-    if state.links is not None:
-        spec = lbqinq.without_taps(spec, lbqinq.linux_taps(spec, vm.config.section(MAIN), state.links))
+    if state.netdevs is not None:
+        spec = lbqinq.without_taps(spec, lbqinq.linux_taps(spec, vm.config.section(MAIN), state.netdevs))
     folder = state.socket_dirs.get(Backend.OVS)
     ports, waiting = (), ()
     if folder is not None:
@@ -127,20 +137,20 @@ def _linux_taps(vm: LocalVm, state: NodeState) -> tuple[Action, ...]:
     """A running VM's QinQ taps on Linux bridges as declared again (Proxmox re-plugs a tap
     when its NIC's tag, trunks or firewall change)."""
     spec, running = state.spec.for_vm(vm.vmid), vm.config.section(MAIN)
-    return lbqinq.plan_taps(vm.vmid, lbqinq.linux_taps(spec, running, state.links), running, state.links)
+    return lbqinq.plan_taps(vm.vmid, lbqinq.linux_taps(spec, running, state.netdevs), running, state.netdevs)
 
 
 def _linux_leftovers(state: NodeState, live: frozenset[int]) -> tuple[Action, ...]:
     """Give back taps of VMs that do not run here; remove S-VLAN devices no QinQ tap uses
     and no running (or starting) VM's QinQ will use."""
-    if state.links is None:
+    if state.netdevs is None:
         return ()
     needed = set()
     if state.spec is not None:
         for vm in state.vms:
             if vm.vmid in live:
                 needed.update(lbqinq.svlan_keys(state.spec.for_vm(vm.vmid), vm.config.section(MAIN)))
-    actions = lbqinq.plan_cleanup(state.links, lambda vmid: vmid not in live, needed)
+    actions = lbqinq.plan_cleanup(state.netdevs, lambda vmid: vmid not in live, needed)
     return tuple(dataclasses.replace(a, reason=_why_gone(state, a.vmid)) if isinstance(a, RestoreLinuxTap)
                  else dataclasses.replace(a, reason="no QinQ tap uses it") if isinstance(a, DelSVlanBridge) else a
                  for a in actions)

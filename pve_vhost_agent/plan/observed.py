@@ -13,7 +13,8 @@ from typing import Mapping
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
 from pve_vhost_agent.model.host import CLUSTER_FS_OK
-from pve_vhost_agent.model.links import LinkState
+from pve_vhost_agent.model.links import LinkFacts, RunningLinks
+from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.names import is_agent_hook
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
@@ -78,7 +79,11 @@ class NodeState:
     qemu_version: tuple[int, int, int] | None = None
     problems: tuple[Problem, ...] = ()
     cluster_fs: str = CLUSTER_FS_OK  # /etc/pve: ok, not mounted (nothing read), read-only (no quorum)
-    links: LinkState | None = None  # the host's links (QinQ on Linux bridges); None: not read
+    netdevs: LinkState | None = None  # the host's network devices (QinQ on Linux bridges); None: not read
+    # Link ends: what the running QEMU of each enabled VM with link ends has (VMs whose
+    # QEMU could not be asked are left out), and where their peers are.
+    links: Mapping[int, RunningLinks] = dataclasses.field(default_factory=dict)
+    link_facts: LinkFacts | None = None
 
     @property
     def enabled_vms(self) -> tuple[LocalVm, ...]:

@@ -124,8 +124,8 @@ def _ids(index):
 def test_qinq_on_a_linux_bridge_is_checked_against_the_links_and_needs_no_open_vswitch():
     tap_only = VmSpec(100, (), (TapQinQ(100, 0, QinQ(100)),))
     host = linux_host(taps=())
-    plan = plan_pre_start(view(tap_only, args=False, ovs=None, links=host))
+    plan = plan_pre_start(view(tap_only, args=False, ovs=None, netdevs=host))
     assert [n.text for n in plan.notes] == ["QinQ can hold on tap100i0 (S-tag 100)"] and plan.actions == ()
     with pytest.raises(NetworkRefused) as caught:
-        plan_pre_start(view(tap_only, args=False, ovs=None, links=linux_host(uplink_mtu=1500, taps=())))
+        plan_pre_start(view(tap_only, args=False, ovs=None, netdevs=linux_host(uplink_mtu=1500, taps=())))
     assert caught.value.exit_code == 8 and "uplink eth0 of vmbr0 has MTU 1500" in str(caught.value)

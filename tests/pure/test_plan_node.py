@@ -12,7 +12,7 @@ from builders import after, linux_host
 from pve_vhost_agent.model.actions import (
     AddSVlanBridge, DelPort, DelSocket, DelSVlanBridge, RestoreTapVlan, SetLinuxTapQinQ, SetTapQinQ, WriteVmArgs,
 )
-from pve_vhost_agent.model.links import LinkState
+from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.formats.qemuargs import merge_agent_args
 from pve_vhost_agent.plan.node import NodePlan, plan_node
@@ -206,7 +206,7 @@ NO_OVS = Problem(None, "cannot reach OVSDB at unix:/x (No such file)", 6)
 
 
 def linux_node(*vms, links: LinkState, **kw) -> NodeState:
-    return node(*vms, ovs=None, problems=(NO_OVS,), links=links, **kw)
+    return node(*vms, ovs=None, problems=(NO_OVS,), netdevs=links, **kw)
 
 
 def test_a_running_vm_on_a_linux_bridge_gets_its_qinq_without_open_vswitch():
