@@ -22,6 +22,8 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 7
     REFUSED = 8
     STALE = 9
+    CLUSTER_DOWN = 10  # /etc/pve is not mounted: pmxcfs (pve-cluster) is not running
+    FINDINGS = 11  # `doctor` found at least one error-level finding
 
 
 class AgentError(Exception):
@@ -50,6 +52,10 @@ class ConfigConflict(AgentError):
     """Spec and Proxmox VM config (or user args) contradict each other."""
 
     exit_code = ExitCode.CONFLICT
+
+
+class NotEnabled(ConfigConflict):
+    """Vhost-user args for a VM without the agent's hookscript: nothing would make its ports."""
 
 
 class MemoryLayoutError(AgentError):
@@ -88,6 +94,12 @@ class ClusterReadOnly(AgentError):
     exit_code = ExitCode.REFUSED
 
 
+class ClusterFsDown(AgentError):
+    """/etc/pve is not mounted: pmxcfs is not running, so nothing there can be read."""
+
+    exit_code = ExitCode.CLUSTER_DOWN
+
+
 class StaleArgs(AgentError):
     """The VM's args line differs from the plan (pre-start must abort the start)."""
 
@@ -108,6 +120,23 @@ class CapacityError(AgentError):
 
 class OvsRefused(AgentError):
     """Open vSwitch is set up in a way the spec cannot safely be applied to (vlan-limit, datapath)."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class Unexpected(AgentError):
+    """An exception the agent did not expect: a bug, said in one line like any error."""
+
+    @classmethod
+    def of(cls, err: BaseException, where: str = "") -> "Unexpected":
+        """`where`: where the traceback went, e.g. ` (the traceback is in the journal)`."""
+        return cls(f"unexpected {type(err).__name__}: {str(err)[:200]}",
+                   f"this is a bug in pve-vhost-agent, please report it{where}")
+
+
+class NetworkRefused(AgentError):
+    """The host's Linux networking cannot hold what the spec asks (no uplink, uplink MTU,
+    a device name or VLAN that someone else has)."""
 
     exit_code = ExitCode.REFUSED
 

@@ -59,6 +59,9 @@ class Settings:
     # thousands of ports) needs some seconds, and a remote migration allows its target
     # start 40 s at least (qemu-server config_aware_timeout + 10).
     ovs_timeout: float = 30.0
+    # A wait for ovs-vswitchd goes on past ovs_timeout while its process keeps working,
+    # up to this (Proxmox's own bound for resuming a VM; model/vswitchd).
+    ovs_busy_timeout: float = 300.0
 
     @classmethod
     def checked(cls, root: str | Path | None, ovsdb: str | None, node: str | None) -> "Settings":
@@ -105,6 +108,15 @@ class Settings:
 
     def qemu_pidfile(self, vmid: int) -> Path:
         return self.host_path("/var/run/qemu-server") / f"{vmid}.pid"
+
+    def qmp_socket(self, vmid: int) -> Path:
+        """Proxmox's QMP socket of a running VM."""
+        return self.host_path("/var/run/qemu-server") / f"{vmid}.qmp"
+
+    @property
+    def corosync_conf(self) -> Path:
+        """The cluster's node list, with each node's address (links between nodes use it)."""
+        return self.pve_dir / "corosync.conf"
 
     @property
     def run_dir(self) -> Path:

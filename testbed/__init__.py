@@ -3,6 +3,9 @@
 (bench/run). Never shipped: setup.cfg packages only `pve_vhost_agent*`.
 
     ovs      a private ovsdb-server + ovs-vswitchd (userspace or DPDK), stopped by PID
+    journald a private systemd-journald in its own mount namespace
+    guest    a tiny real guest image: Debian's kernel, busybox, an initramfs that pings
+    frames   raw frames in and out of a namespace (tags as on the wire), a peer that answers
     pvenode  a Proxmox-like root for the agent (`--root`): VM configs, the spec file,
              stand-in running VMs and the sockets QEMU would serve
 """

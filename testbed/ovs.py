@@ -186,7 +186,7 @@ def start_ovs(kind: str = "ovs", *, dpdk: bool = False, dummy: bool = False,
             "--remote=db:Open_vSwitch,Open_vSwitch,manager_options", "-vconsole:off",
             "--pidfile", "--detach", "--log-file", env=inst.env)
         inst.pids["ovsdb-server"] = int((run_dir / "ovsdb-server.pid").read_text())
-        config = dict(other_config or {})
+        config = {}
         if dpdk:
             config.update({
                 "dpdk-init": "true",
@@ -195,6 +195,7 @@ def start_ovs(kind: str = "ovs", *, dpdk: bool = False, dummy: bool = False,
                 "pmd-maxsleep": "50000",  # an idle PMD thread would eat a whole core
                 "per-port-memory": "true",  # else the first vhost port stalls vswitchd for ~5 s
             })
+        config.update(other_config or {})  # a test may change the DPDK settings too (dpdk-init=try)
         settings = [f"other_config:{k}={v}" for k, v in config.items()]
         inst.vsctl("--no-wait", "init", *(["--", "set", "Open_vSwitch", ".", *settings] if settings else []))
         binary = "ovs-vswitchd"
@@ -209,7 +210,7 @@ def start_ovs(kind: str = "ovs", *, dpdk: bool = False, dummy: bool = False,
             "--pidfile", "--detach", "--log-file", *(["--enable-dummy"] if dummy else []),
             env=inst.env, timeout=60)
         inst.pids["ovs-vswitchd"] = int((run_dir / "ovs-vswitchd.pid").read_text())
-        if dpdk:
+        if dpdk and config["dpdk-init"] == "true":
             inst.vsctl("wait-until", "Open_vSwitch", ".", "dpdk_initialized=true")
         return inst
     except BaseException:

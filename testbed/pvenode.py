@@ -99,6 +99,8 @@ class PveNode:
         # The hookscript runs isolated (python3 -I) and finds the package under its root.
         (root / "usr/lib/python3/dist-packages").mkdir(parents=True)
         (root / "usr/lib/python3/dist-packages/pve_vhost_agent").symlink_to(checkout / "pve_vhost_agent")
+        # What pmxcfs always serves (the agent takes a folder without it for pve-cluster down).
+        (root / "etc/pve/.version").write_text('{\n"starttime": 0\n}\n')
         return cls(root, node, ovsdb, checkout)
 
     def remove(self) -> None:

@@ -80,3 +80,35 @@ def test_all_adopts_every_vm_with_a_hand_written_line_and_the_patched_convention
     assert "net1: virtio=BC:24:11:00:00:02,bridge=vmbr1,tag=950\n" in pve_root.vm_path(102).read_text()
     listed = pve_root.cli("nic", "list").stdout
     assert "102 net1: QinQ on tap102i1, S-tag 950 (802.1ad), C-VLANs 10,20" in listed
+
+
+def test_adopting_enables_the_vm_and_chains_the_hookscript_it_had(pve_root):
+    """An adopted VM must start with the agent's pre-start (its `ovs` NICs need their
+    ports made): adopt sets the hookscript in the same write, keeps the VM's own one
+    chained, and marks the VM for the GUI."""
+    own = pve_root.root / "var/lib/vz/snippets/old.pl"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_text("#!/usr/bin/perl\nexit 0;\n")
+    own.chmod(0o755)
+    vm(pve_root, extra="hookscript: local:snippets/old.pl\n")
+    dry = pve_root.cli("adopt", "100", "--dry-run")
+    assert "hookscript would be local:snippets/pve-vhost-agent; its own local:snippets/old.pl runs after" in dry.stdout
+    result = pve_root.cli("adopt", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)[0]
+    assert (row["hookscript"], row["chained_hookscript"]) == ("local:snippets/pve-vhost-agent", "local:snippets/old.pl")
+    text = pve_root.vm_path(100).read_text()
+    assert "hookscript: local:snippets/pve-vhost-agent\n" in text and "tags: vhost-user\n" in text
+    assert (pve_root.root / "var/lib/vz/snippets/pve-vhost-agent").stat().st_mode & 0o777 == 0o755
+    assert json.loads(pve_root.cli("show", "100", "--json").stdout)["in_sync"]
+    undone = pve_root.cli("disable", "100")
+    assert undone.returncode == 0 and "hookscript: local:snippets/old.pl\n" in pve_root.vm_path(100).read_text()
+
+
+def test_a_hookscript_proxmox_could_not_run_stops_the_adoption_before_anything_is_written(pve_root):
+    vm(pve_root, extra="hookscript: local:snippets/gone.pl\n")
+    before = pve_root.snapshot()
+    result = pve_root.cli("adopt", "100")
+    assert result.returncode == ExitCode.NOT_FOUND, result.stderr
+    assert "VM 100's hookscript local:snippets/gone.pl" in result.stderr and "pve-vhost-agent adopt 100" in result.stderr
+    assert pve_root.snapshot() == before

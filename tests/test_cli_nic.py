@@ -62,7 +62,7 @@ def test_on_an_enabled_vm_the_args_follow_the_spec_at_once(cluster):
     cluster.write_vm(300, ENABLED)
     out = ok(cluster, "nic", "add", "300", "net1", "--bridge", "br0")
     assert ("VM 300: args written to the VM config (the shared memory backend is missing from the args; "
-            "net1 is declared but not in the args)") in out
+            "net1 is declared but not in the args; tag vhost-user added; notes line added)") in out
     assert "vhu-net1" in cluster.vm_path(300).read_text()
     ok(cluster, "nic", "remove", "300", "net1")
     assert cluster.vm_path(300).read_text() == ENABLED

@@ -1,5 +1,6 @@
 """`show` and `apply`: the planned args line, written once, kept in step with the VM."""
 
+import difflib
 import json
 
 import pytest
@@ -21,10 +22,16 @@ ostype: l26
 """
 
 
+HOOK = "hookscript: local:snippets/pve-vhost-agent\n"
+
+
 @pytest.fixture
 def router(pve_root):
+    """VM 100 with a declared NIC and the agent's hookscript, its args not written yet (the
+    hookscript set by `qm set` after the declaration: `apply` refuses VMs without it)."""
     pve_root.write_vm(100, ROUTER)
     assert pve_root.cli("nic", "add", "100", "net1", "--bridge", "br-vhost", "--qinq", "950").returncode == 0
+    pve_root.write_vm(100, ROUTER + HOOK)
     return pve_root
 
 
@@ -54,9 +61,13 @@ def test_apply_writes_once_keeps_user_args_and_every_other_byte(router):
     assert first.returncode == 0, first.stderr
     assert "args written to the VM config" in first.stdout
     after = router.vm_path(100).read_text()
-    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
-    assert len(changed) == 1 and changed[0][0].startswith("args: ")
-    assert changed[0][1].startswith("args: -smbios 'type=1,serial=a b' -object memory-backend-memfd")
+    diff = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-"]
+    # The args line changed; the GUI marks (plan/marks) came in; every other line is as it was.
+    assert [line for line in diff if line[0] == "-"] == ["- args: -smbios 'type=1,serial=a b'"]
+    added = [line[2:] for line in diff if line[0] == "+"]
+    assert len(added) == 3 and added[0].startswith("#pve-vhost-agent%3A vhost-user NICs net1 (br-vhost)")
+    assert added[1].startswith("args: -smbios 'type=1,serial=a b' -object memory-backend-memfd")
+    assert added[2] == "tags: vhost-user" and after.startswith("#TNSR router\n#pve-vhost-agent%3A")
     assert show_json(router)["in_sync"] is True
     again = router.cli("apply", "100")
     assert again.returncode == 0 and "args up to date" in again.stdout
@@ -75,7 +86,7 @@ def test_memory_change_is_explained_and_fixed_by_apply(router):
 
 
 def test_pending_memory_is_what_the_next_start_uses(router):
-    router.vm_path(100).write_text(ROUTER + "\n[PENDING]\nmemory: 2048\n")
+    router.vm_path(100).write_text(ROUTER + HOOK + "\n[PENDING]\nmemory: 2048\n")
     router.cli("apply", "100")
     assert "size=2048M" in config_of(router).section("main")["args"]
 
@@ -97,11 +108,11 @@ def test_running_vm_gets_a_pending_change(router, tmp_path):
 
 def test_removing_the_spec_removes_only_the_agent_args(router):
     router.cli("apply", "100")
-    router.cli("nic", "remove", "100", "net1")
-    result = router.cli("apply", "--all")
+    result = router.cli("nic", "remove", "100", "net1")  # an enabled VM's args follow at once
     assert result.returncode == 0, result.stderr
     assert "net1 is in the args but no longer declared" in result.stdout
-    assert router.vm_path(100).read_text() == ROUTER
+    assert router.cli("apply", "--all").stdout == "apply: 0 VMs: 0 written, 0 up to date, 0 failed\n"
+    assert router.vm_path(100).read_text() == ROUTER + HOOK
 
 
 def test_apply_dry_run_writes_nothing(router):

@@ -12,11 +12,13 @@ import gzip
 import hashlib
 import json
 import re
+import shutil
 import socket
 import subprocess
 
 import pytest
 
+from conftest import REPO
 from fixtures.debian_chroot import (
     Chroot, copy_checkout, debian_mirror, fresh_chroot, remove_chroot)
 
@@ -78,6 +80,7 @@ def write_sample_host(env: Chroot, snippets: bool = True) -> None:
     link = env.path("/etc/pve/qemu-server")
     if not link.is_symlink():
         link.symlink_to(f"nodes/{NODE}/qemu-server")
+    env.path("/etc/pve/.version").write_text('{\n"starttime": 0\n}\n')  # pmxcfs serves /etc/pve
 
 
 def reset(env: Chroot, deb, snippets: bool = True) -> None:
@@ -140,10 +143,11 @@ def test_every_module_imports_under_the_suite_python(chroot):
 
 def test_hookscript_is_shipped_and_copied_to_the_snippets_folder(chroot):
     shipped, snippet = chroot.path(SHIPPED), chroot.path(SNIPPET)
-    # dh_python3 of the Debian that builds the package (./test builds on 12 and on 13)
-    # rewrites the shebang its own way; both run Debian's /usr/bin/python3.
+    # Isolated (README, "The hookscript"). dh_python3 of the Debian that builds the package
+    # (the host's stage builds on 12; named in the Debian 13 stage, on 13) rewrites the
+    # shebang its own way; both run Debian's /usr/bin/python3 -I.
     built_on = open("/etc/debian_version").read().split(".")[0]
-    shebang = {"12": "#!/usr/bin/python3\n", "13": "#! /usr/bin/python3\n"}[built_on]
+    shebang = {"12": "#!/usr/bin/python3 -I\n", "13": "#! /usr/bin/python3 -I\n"}[built_on]
     assert shipped.read_text().startswith(shebang)
     assert shipped.stat().st_mode & 0o777 == 0o755
     assert snippet.read_bytes() == shipped.read_bytes()
@@ -158,6 +162,16 @@ def test_man_page_documents_every_command(chroot):
         assert option in text
     for command in cli_commands(chroot):
         assert f'.SS "pve-vhost-agent {command}' in text, f"{command} is not in the man page"
+    for section in ("EXIT STATUS", "ENVIRONMENT", "FILES", "HOOK PHASES", "JOURNAL FIELDS", "EXAMPLES"):
+        assert f".SH {section}" in text, section
+
+
+def test_the_readme_and_the_service_settings_are_installed(chroot):
+    readme = gzip.decompress(chroot.path("/usr/share/doc/pve-vhost-agent/README.md.gz").read_bytes()).decode()
+    assert readme.startswith("# pve-vhost-agent")
+    settings = chroot.path("/etc/default/pve-vhost-agent").read_text()
+    assert "#PVE_VHOST_AGENT_INTERVAL=10" in settings
+    assert "/etc/default/pve-vhost-agent" in chroot.run("dpkg-query", "-W", "-f=${Conffiles}", PACKAGE).stdout
 
 
 def test_bash_completion_completes_options_and_commands(chroot):
@@ -288,3 +302,64 @@ def test_lintian_finds_no_error_or_warning(package_builds, tmp_path):
         capture_output=True, text=True, timeout=600)
     tags = [line for line in result.stdout.splitlines() if re.match(r"[EWI]: ", line)]
     assert result.returncode == 0 and not [t for t in tags if t[0] in "EW"], "\n".join(tags)
+    # Explained in debian/pve-vhost-agent.lintian-overrides: Proxmox VE boots with systemd only.
+    assert not [t for t in tags if "init.d-script" in t], "\n".join(tags)
+    control = subprocess.run(["dpkg-deb", "-f", str(package_builds["base"].deb), "Maintainer"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "example.org" not in control and "maintainers@pve-vhost-agent.invalid" in control
+
+
+# ---------------------------------------------------------------- tests at build time and autopkgtest
+
+def test_the_pure_tests_run_at_build_time_unless_nocheck(package_builds):
+    assert re.search(r"\d+ passed, .*deselected", package_builds["base"].log), package_builds["base"].log[-3000:]
+    assert not re.search(r"\d+ passed", package_builds["upgrade"].log)  # built with DEB_BUILD_OPTIONS=nocheck
+
+
+def test_autopkgtest_passes_against_the_installed_package(chroot, tmp_path):
+    """debian/tests/control as autopkgtest runs it: from the source tree, the package installed."""
+    control = (REPO / "debian/tests/control").read_text()
+    assert re.findall(r"^Tests: (\S+)", control, re.M) == ["command", "pure"]
+    chroot.apt_get("install", "python3-pytest", "python3-hypothesis")
+    source = copy_checkout(chroot.path("/tmp/adt-src"))
+    try:
+        for test in ("command", "pure"):
+            chroot.run("mkdir", "-p", f"/tmp/adt-{test}")
+            result = chroot.run("sh", f"debian/tests/{test}", cwd="/tmp/adt-src", env={"AUTOPKGTEST_TMP": f"/tmp/adt-{test}"})
+            assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"\d+ passed", result.stdout), result.stdout
+    finally:
+        chroot.run("rm", "-rf", "/tmp/adt-src", "/tmp/adt-command", "/tmp/adt-pure")
+        chroot.apt_get("purge", "--autoremove", "python3-pytest", "python3-hypothesis")
+        assert not source.exists()
+
+
+# ---------------------------------------------------------------- relations and the snippets folder
+
+def test_recommends_bring_the_ring_mempool_driver_of_the_suites_dpdk(lifecycle, package_builds):
+    """One arch:all package for both releases: apt takes the alternative the suite has."""
+    ring = {"bookworm": "librte-mempool-ring23", "trixie": "librte-mempool-ring25"}[lifecycle.suite]
+    lifecycle.run("dpkg", "--purge", PACKAGE)
+    deb = package_builds["base"].deb
+    shutil.copy(deb, lifecycle.path("/tmp") / deb.name)
+    plan = lifecycle.run("apt-get", "-s", "-o", "APT::Install-Recommends=true", "install", f"./{deb.name}",
+                         cwd="/tmp").stdout
+    installs = set(re.findall(r"^Inst (\S+)", plan, re.M))
+    assert {ring, "openvswitch-switch-dpdk", PACKAGE} <= installs, plan
+
+
+def test_the_snippet_goes_where_the_local_storages_content_dirs_say(lifecycle, package_builds):
+    storage = lifecycle.path("/etc/pve/storage.cfg")
+    storage.write_text("dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,snippets\n"
+                       "\tcontent-dirs snippets=hooks/pve\n")
+    try:
+        lifecycle.run("dpkg", "--purge", PACKAGE)
+        lifecycle.install_debs(package_builds["base"].deb)
+        moved = lifecycle.path("/var/lib/vz/hooks/pve/pve-vhost-agent")
+        assert moved.read_bytes() == lifecycle.path(SHIPPED).read_bytes()
+        shown = json.loads(lifecycle.run(PACKAGE, "install-hook", "--dry-run", "--json").stdout)
+        assert (shown["folder"], shown["changed"]) == ("/var/lib/vz/hooks/pve", False)
+        lifecycle.run("dpkg", "--purge", PACKAGE)
+        assert not moved.exists()
+    finally:
+        storage.unlink()

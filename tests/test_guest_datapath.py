@@ -20,13 +20,12 @@ While the guest holds its link after the first reply, OVS must report the port
 from __future__ import annotations
 
 import dataclasses
-import struct
 import subprocess
 import time
 
 import pytest
 
-from fixtures.frames import TPID, FrameProbe, tags_of
+from fixtures.frames import TPID, FrameProbe, answer, tags_of
 from fixtures.guest import (NO_REPLY, READY, RELEASED, REPLY, TEST_MACHINE_ONLY, Guest, boot,
                             kernel_command_line)
 from pve_vhost_agent.plan.args import plan_args
@@ -153,8 +152,8 @@ def test_qinq_a_guests_vlan_10_rides_s_tag_950_to_a_trunk(lab, ethertype):
             for data in probe.collect(guest_mac, timeout=0.3):
                 if data[6:12] == guest_mac:
                     seen_tags.add(tuple(tags_of(data)))
-                    if answering and (answer := _answer(data, guest_mac)):
-                        probe.send(answer)
+                    if answering and (reply := answer(data, PEER_IP, PEER_MAC)):
+                        probe.send(reply)
             if answering and guest.marker(REPLY):
                 lab.wait_connected()
                 answering = False  # the peer goes silent: the guest powers off
@@ -186,38 +185,3 @@ def test_control_unshared_guest_memory_gives_the_guest_no_traffic_and_ovs_no_err
     assert line.startswith(NO_REPLY) and statuses, guest.console()
     assert {"status": "connected", "error": ""}.items() <= statuses[-1].items(), statuses[-1]
     report(guest, "share=off control", guest.wait_poweroff(30))
-
-
-# --- helpers -------------------------------------------------------------------------
-
-
-def _checksum(data: bytes) -> int:
-    data += b"\0" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _answer(data: bytes, guest_mac: bytes) -> bytes | None:
-    """The peer's reply to the guest's ARP request or ICMP echo for PEER_IP, same tags."""
-    at = 12 + 4 * len(tags_of(data))
-    tags, ethertype, body = data[12:at], data[at:at + 2], data[at + 2:]
-    peer = bytes(map(int, PEER_IP.split(".")))
-    head = guest_mac + PEER_MAC + tags + ethertype
-    if ethertype == b"\x08\x06" and body[6:8] == b"\x00\x01" and body[24:28] == peer:
-        sender, sender_ip = body[8:14], body[14:18]
-        return (head + body[:6] + b"\x00\x02" + PEER_MAC + peer + sender + sender_ip).ljust(60, b"\0")
-    if ethertype == b"\x08\x00" and body[9] == 1 and body[16:20] == peer:
-        ihl = (body[0] & 0x0F) * 4
-        length = struct.unpack_from("!H", body, 2)[0]
-        if body[ihl] != 8:  # not an echo request
-            return None
-        ip = bytearray(body[:ihl])
-        ip[12:16], ip[16:20], ip[10:12] = body[16:20], body[12:16], b"\0\0"
-        ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
-        icmp = bytearray(body[ihl:length])
-        icmp[0], icmp[2:4] = 0, b"\0\0"
-        icmp[2:4] = struct.pack("!H", _checksum(bytes(icmp)))
-        return (head + bytes(ip) + bytes(icmp)).ljust(60, b"\0")
-    return None

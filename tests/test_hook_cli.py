@@ -107,7 +107,17 @@ def test_disable_refuses_a_running_vm_with_vhost_nics(pve_root):
         sleeper.wait()
 
 
+def old_hook(root, name: str = "old.pl", text: str = "#!/usr/bin/perl\nexit 0;\n", mode: int = 0o755):
+    """A VM's own hookscript in the local storage's snippets/ folder."""
+    path = root.root / "var/lib/vz/snippets" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 def test_enable_disable_and_install_hook_dry_runs_write_nothing(pve_root):
+    old_hook(pve_root)
     pve_root.write_vm(100, VM + "hookscript: local:snippets/old.pl\n")
     pve_root.cli("nic", "add", "100", "net1", "--bridge", "brv")
     before = pve_root.snapshot()
@@ -136,16 +146,39 @@ def test_a_socket_folder_that_cannot_be_made_aborts_pre_start_in_one_line(pve_ro
     assert b"refusing the socket folder" in result.stdout and b"pve-vhost-agent is not a plain folder" in result.stdout
 
 
-def test_a_chained_hookscript_without_a_shebang_is_one_line_not_a_traceback(pve_root):
-    snippet = pve_root.root / "var/lib/vz/snippets/old.sh"
-    snippet.parent.mkdir(parents=True, exist_ok=True)
-    snippet.write_text("echo no shebang\n")
-    snippet.chmod(0o755)
+UNRUNNABLE = [
+    # (what, text, mode, words)
+    ("missing", None, 0o755, "is missing"),
+    ("not executable", "#!/bin/sh\n", 0o644, "is not executable, so Proxmox could not run it"),
+    ("without a #! line", "echo no shebang\n", 0o755, "has no `#!` line, so Proxmox could not run it"),
+]
+
+
+@pytest.mark.parametrize("text, mode, words", [u[1:] for u in UNRUNNABLE], ids=[u[0] for u in UNRUNNABLE])
+def test_enable_refuses_to_chain_a_hookscript_proxmox_could_not_run(pve_root, text, mode, words):
+    # `enable` recorded it, and so did `disable && enable` after it went missing.
+    if text is not None:
+        old_hook(pve_root, "old.sh", text, mode)
+    pve_root.write_vm(100, VM + "hookscript: local:snippets/old.sh\n")
+    before = pve_root.snapshot()
+    result = pve_root.cli("enable", "100")
+    assert result.returncode in (4, 5) and result.stderr.count("\n") == 1
+    assert "VM 100's hookscript local:snippets/old.sh" in result.stderr and words in result.stderr
+    assert "qm set 100 --delete hookscript" in result.stderr
+    assert pve_root.snapshot() == before  # not even the hookscript installed
+
+
+@pytest.mark.parametrize("text, mode, words", [u[1:] for u in UNRUNNABLE], ids=[u[0] for u in UNRUNNABLE])
+def test_a_chained_hookscript_that_went_bad_since_fails_in_one_line(pve_root, text, mode, words):
+    old = old_hook(pve_root, "old.sh", "#!/bin/sh\n")
     pve_root.write_vm(100, VM + "hookscript: local:snippets/old.sh\n")
     assert pve_root.cli("enable", "100").returncode == 0
+    old.unlink()
+    if text is not None:
+        old_hook(pve_root, "old.sh", text, mode)
     result = call_hook(pve_root, "100", "pre-start", PVE_MIGRATED_FROM="")
-    assert result.returncode == 1 and b"Traceback" not in result.stderr
-    assert b"chained hookscript local:snippets/old.sh" in result.stderr and b"Exec format error" in result.stderr
+    assert result.returncode in (4, 5) and b"Traceback" not in result.stderr
+    assert b"chained hookscript local:snippets/old.sh" in result.stderr and words.encode() in result.stderr
     assert len(result.stderr.splitlines()) == 1
 
 

@@ -56,6 +56,18 @@ class Harness:
         self.cli("qinq", "set", str(self.vmid), "net0", "--qinq", "950", "--cvlans", "10,20")
         self.cli("enable", str(self.vmid))
 
+    def enable_chaining(self, script: str) -> subprocess.CompletedProcess:
+        """The VM with its own hookscript `script` (local:snippets/old-hook.sh) and a vhost-user
+        NIC, enabled: the agent's hookscript chains the old one. `enable`'s result."""
+        old = self.node.path("/var/lib/vz/snippets/old-hook.sh")
+        old.write_text(script)
+        old.chmod(0o755)
+        self.write_vm()
+        path = self.node.vm_conf(self.vmid)
+        path.write_text(path.read_text() + "hookscript: local:snippets/old-hook.sh\n")
+        self.cli("nic", "add", str(self.vmid), "net1", "--bridge", self.vhost_bridge)
+        return self.cli("enable", str(self.vmid))
+
     def hook(self, phase: str, migrated_from: str | None = None, **env) -> subprocess.CompletedProcess:
         """Call the VM's hookscript exactly as Proxmox does, outside a start."""
         conf = dict(line.split(": ", 1) for line in self.node.vm_conf(self.vmid).read_text().splitlines() if ": " in line)
@@ -215,14 +227,7 @@ def test_ovs_down_aborts_pre_start_and_only_warns_at_post_stop(harness):
 
 def test_a_failing_chained_hookscript_aborts_the_start_and_undoes_pre_start(harness):
     h = harness
-    old = h.node.path("/var/lib/vz/snippets/old-hook.sh")
-    old.write_text('#!/bin/sh\necho "old hook $1 $2 from=$PVE_MIGRATED_FROM"\n[ "$2" != pre-start ]\n')
-    old.chmod(0o755)
-    h.write_vm()
-    path = h.node.vm_conf(h.vmid)
-    path.write_text(path.read_text() + "hookscript: local:snippets/old-hook.sh\n")
-    h.cli("nic", "add", str(h.vmid), "net1", "--bridge", h.vhost_bridge)
-    enabled = h.cli("enable", str(h.vmid))
+    enabled = h.enable_chaining('#!/bin/sh\necho "old hook $1 $2 from=$PVE_MIGRATED_FROM"\n[ "$2" != pre-start ]\n')
     assert "local:snippets/old-hook.sh will run after the agent's" in enabled.stdout
     with pytest.raises(StartAborted) as caught:
         h.qm().start(h.vmid)
@@ -230,9 +235,29 @@ def test_a_failing_chained_hookscript_aborts_the_start_and_undoes_pre_start(harn
     assert h.owned_ports() == []
     disabled = h.cli("disable", str(h.vmid))
     assert "hookscript back to local:snippets/old-hook.sh" in disabled.stdout
-    text = path.read_text()
+    text = h.node.vm_conf(h.vmid).read_text()
     assert "hookscript: local:snippets/old-hook.sh" in text and "vhu-" not in text
 
+
+BROKEN_CHAINED = [
+    ("gone", lambda path: path.unlink(), "is missing"),
+    ("not executable", lambda path: path.chmod(0o644), "is not executable"),
+    ("without a #! line", lambda path: path.write_text("echo old hook\n"), "has no `#!` line"),
+]
+
+
+@pytest.mark.parametrize("breaks, words", [b[1:] for b in BROKEN_CHAINED], ids=[b[0] for b in BROKEN_CHAINED])
+def test_a_chained_hookscript_that_cannot_run_aborts_the_start_and_undoes_pre_start(harness, breaks, words):
+    # pre-start aborted but left the OVS port it had made.
+    h = harness
+    h.enable_chaining("#!/bin/sh\necho old hook\n")
+    breaks(h.node.path("/var/lib/vz/snippets/old-hook.sh"))
+    with pytest.raises(StartAborted) as caught:
+        h.qm().start(h.vmid)
+    task = caught.value.task.text
+    assert "start aborted by the chained hookscript local:snippets/old-hook.sh" in task and words in task, task
+    assert "Traceback" not in task
+    assert h.owned_ports() == []
 
 
 # --- QinQ on the tap must hold, or the VM does not start -----------------------------------

@@ -171,7 +171,8 @@ def test_vswitchd_not_applying_is_a_timeout_naming_the_step(fresh_ovs):
             conn.apply([EnsureBridge("h3n0", "netdev")])
         assert time.monotonic() - started < 3
     assert str(caught.value).startswith(
-        "ovs-vswitchd did not apply EnsureBridge h3n0 within 1 s (cur_cfg 0 < next_cfg 1); is ovs-vswitchd running?")
+        "ovs-vswitchd did not apply EnsureBridge h3n0 within 1 s (cur_cfg 0 < next_cfg 1): "
+        f"ovs-vswitchd is not running (no live process in {inst.run_dir}/ovs-vswitchd.pid); see systemctl status")
 
 
 def test_vlan_limit_is_set_before_the_qinq_bridge_exists(fresh_ovs, ovs_tmp):

@@ -2,11 +2,13 @@
 
 import importlib.machinery
 import importlib.util
+import re
 import subprocess
 
 import click
 
 from pve_vhost_agent import __version__
+from pve_vhost_agent.errors import ExitCode
 
 from conftest import REPO
 from pvestandin.layout import link_package
@@ -85,6 +87,66 @@ def test_man_page_of_the_real_cli_renders_cleanly():
     assert rendered.stderr == ""
     assert f"pve-vhost-agent {__version__}" in rendered.stdout and "1970-01-02" in rendered.stdout
     assert "qm set vmid --hookscript local:snippets/pve-vhost-agent" in rendered.stdout
+
+
+def man_page() -> str:
+    result = subprocess.run(
+        ["/usr/bin/python3", "debian/click2man", "--include", "debian/pve-vhost-agent.1.extra",
+         "--version", __version__, "pve_vhost_agent.cli.main:main", "pve-vhost-agent"],
+        cwd=REPO, env={"PYTHONPATH": str(REPO), "SOURCE_DATE_EPOCH": "86400", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=True)
+    return render(result.stdout).stdout
+
+
+def test_man_page_has_what_an_operator_looks_up_beyond_help():
+    page = man_page()
+    sections = [line for line in page.splitlines() if line and not line.startswith(" ")]
+    for section in ("EXIT STATUS", "ENVIRONMENT", "FILES", "HOOK PHASES", "JOURNAL FIELDS", "EXAMPLES"):
+        assert section in sections, section
+    exit_status = page.split("\nEXIT STATUS\n", 1)[1].split("\nENVIRONMENT\n", 1)[0]
+    for code in ExitCode:  # every code the CLI and the hook use, documented
+        assert re.search(rf"^ +{int(code)} +\S", exit_status, re.M), code
+    for field in ("VMID", "PHASE", "NIC", "PORT", "BRIDGE", "ACTION", "RESULT", "DURATION_MS"):
+        assert field in page.split("\nJOURNAL FIELDS\n", 1)[1]
+    for text in ("/etc/pve/pve-vhost-agent/<vmid>.cfg", "vhostuser: vmid-netN", "/etc/default/pve-vhost-agent",
+                 "PVE_VHOST_AGENT_INTERVAL", "pre-start", "post-stop", "content-dirs"):
+        assert text in page, text
+
+
+def test_the_readme_is_shipped():
+    assert (REPO / "debian/pve-vhost-agent.docs").read_text().split() == ["README.md"]
+
+
+def all_commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*path, name))
+
+
+def test_help_summaries_are_whole_sentences_in_80_columns():
+    for args in ([], ["nic"], ["qinq"], ["ovs"]):
+        shown = subprocess.run(["/usr/bin/python3", "-m", "pve_vhost_agent", *args, "--help"], cwd=REPO,
+                               env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                               check=True).stdout
+        commands = shown.split("\nCommands:\n", 1)[1]
+        assert "..." not in commands and all(line.rstrip().endswith(".") for line in commands.splitlines()), shown
+
+
+# Commands that change something (files, configs, Open vSwitch) and print what they did.
+WRITERS = {("apply",), ("enable",), ("disable",), ("install-hook",), ("migrate-spec",), ("nic", "add"),
+           ("nic", "set"), ("nic", "remove"), ("qinq", "set"), ("qinq", "remove")}
+
+
+def test_every_command_that_writes_has_json():
+    from pve_vhost_agent.cli.main import main
+    found = {path for path, command in all_commands(main) if any(
+        getattr(p, "name", "") == "dry_run" for p in command.params)}
+    # what --dry-run marks as writing is in the list (the service's one-line status has `status --json`)
+    assert found - {("service",)} <= WRITERS
+    for path, command in all_commands(main):
+        if path in WRITERS:
+            assert any("--json" in p.opts for p in command.params), path
 
 
 def test_hookscript_ignores_modules_beside_it_and_on_pythonpath(tmp_path):

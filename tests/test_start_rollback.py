@@ -40,8 +40,10 @@ def test_a_start_whose_ports_ovs_vswitchd_never_takes_is_aborted_without_leftove
     config = VmConfig.parse(body + f"args: {merge_agent_args('', planned.args)}\n")
 
     os.kill(frozen_dpdk.pids["ovs-vswitchd"], signal.SIGSTOP)  # it takes no change from now on
-    with caplog.at_level(logging.INFO), pytest.raises(AgentTimeout, match="ovs-vswitchd did not apply"):
+    with caplog.at_level(logging.INFO), pytest.raises(AgentTimeout, match="ovs-vswitchd did not apply") as caught:
         run_phase(settings, HookCall(100, "pre-start", None), vm, config)
+    # A stopped process uses no CPU: one window (ovs_timeout), not the busy limit of minutes.
+    assert "used no CPU meanwhile: it looks stuck" in str(caught.value)
     # The port was committed, then removed: OVSDB (which still answers) has neither it nor its interface.
     assert frozen_dpdk.find("Port", "name=vhu100i1") == [] and frozen_dpdk.find("Interface", "name=vhu100i1") == []
     said = [r.getMessage() for r in caplog.records]

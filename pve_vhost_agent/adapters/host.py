@@ -13,7 +13,7 @@ from pve_vhost_agent.errors import AgentError
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
 
 
-def read_host_memory(proc: Path = Path("/proc")) -> HostMemory:
+def read_host_memory(proc: Path = Path("/proc"), hugepages: Path = HUGEPAGES_SYSFS) -> HostMemory:
     available = None
     try:
         for line in (proc / "meminfo").read_text().splitlines():
@@ -23,7 +23,7 @@ def read_host_memory(proc: Path = Path("/proc")) -> HostMemory:
         raise AgentError(f"cannot read {proc / 'meminfo'}: {err.strerror}", "is /proc mounted?") from err
     if available is None:
         raise AgentError(f"{proc / 'meminfo'} has no MemAvailable line", "run on Linux 3.14 or later")
-    return HostMemory(available, _hugepages_free())
+    return HostMemory(available, _hugepages_free(hugepages))
 
 
 def _hugepages_free(sysfs: Path = HUGEPAGES_SYSFS) -> dict[int, int]:

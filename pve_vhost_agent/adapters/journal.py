@@ -129,6 +129,23 @@ class _AgentJournalHandler(_AgentHandlerMixin, JournalHandler):
     pass
 
 
+def log_traceback(err: BaseException, what: str, socket_path: str = JOURNAL_SOCKET) -> bool:
+    """One journald entry with `err`'s traceback (never on a terminal); False when
+    journald is not there to take it."""
+    if not journald_available(socket_path):
+        return False
+    try:
+        import traceback
+
+        from systemd import journal
+
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        journal.send(f"{what}: {err!r}\n{text}", PRIORITY="3", SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    except Exception:  # noqa: BLE001 - reporting a bug must not raise another
+        return False
+    return True
+
+
 def journald_available(socket_path: str = JOURNAL_SOCKET) -> bool:
     """True when journald's socket exists (without it every entry is silently lost)."""
     return os.path.exists(socket_path)

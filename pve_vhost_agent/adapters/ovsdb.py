@@ -40,10 +40,12 @@ import ovs.jsonrpc  # noqa: E402
 import ovs.poller  # noqa: E402
 import ovs.stream  # noqa: E402
 
+from pve_vhost_agent.adapters import vswitchd
 from pve_vhost_agent.errors import AgentError, AgentTimeout, OvsUnavailable
 from pve_vhost_agent.model.actions import Action, ReplaceVhostPort
 from pve_vhost_agent.adapters.ovsrows import COLUMNS, TxnView, read_state, root_row, write
 from pve_vhost_agent.model.ovs import OWNER, OWNS_PORT, OWNS_VLAN, OvsState
+from pve_vhost_agent.model.vswitchd import verdict
 from pve_vhost_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ MAX_ATTEMPTS = 5  # TRY_AGAIN retries of one step
 GUARDED_COMMIT = 2.0
 UNREACHABLE_FIX = "is openvswitch-switch running? (systemctl status openvswitch-switch)"
 VSWITCHD_FIX = "is ovs-vswitchd running? (systemctl status openvswitch-switch; /var/log/openvswitch/ovs-vswitchd.log)"
+VSWITCHD_LOG_FIX = "see systemctl status openvswitch-switch and /var/log/openvswitch/ovs-vswitchd.log"
+# How long a wait for ovs-vswitchd goes on while its process keeps working (model/vswitchd).
+BUSY_TIMEOUT = 300.0
 
 # Actions per transaction: a cold service pass over 1,000 VMs commits in a few of them.
 MAX_STEP_ACTIONS = 1000
@@ -95,9 +100,11 @@ class Scope:
 class Ovsdb:
     """One OVSDB connection per process, opened on first use; close() or use as a context."""
 
-    def __init__(self, remote: str, timeout: float, ports: Iterable[str] | Scope | None = None):
+    def __init__(self, remote: str, timeout: float, ports: Iterable[str] | Scope | None = None,
+                 busy_timeout: float = BUSY_TIMEOUT):
         self.remote = remote
         self.timeout = timeout
+        self.busy_timeout = max(busy_timeout, timeout)
         # What a scoped connection sees (None: every row).
         self.scope = ports if isinstance(ports, Scope) or ports is None else Scope(frozenset(ports))
         self._idl: Any = None
@@ -105,7 +112,7 @@ class Ovsdb:
 
     @classmethod
     def from_settings(cls, settings: Settings, ports: Iterable[str] | Scope | None = None) -> "Ovsdb":
-        return cls(settings.ovsdb, settings.ovs_timeout, ports)
+        return cls(settings.ovsdb, settings.ovs_timeout, ports, settings.ovs_busy_timeout)
 
     def watch(self, scope: Scope) -> None:
         """Replicate `scope` from now on; returns once the server sends exactly those rows."""
@@ -387,7 +394,7 @@ class Ovsdb:
         poller.timer_wait(int(remaining * 1000) + 1)
         poller.block()
 
-    def _run_until(self, ready: Callable[[], bool], deadline: float, timeout: Callable[[], AgentError]) -> None:
+    def _run_until(self, ready: Callable[[], bool], deadline: float, timeout: Callable[[], Exception]) -> None:
         idl = self._idl
         while True:
             idl.run()
@@ -421,13 +428,35 @@ class Ovsdb:
         return status or Txn.ERROR
 
     def _await_vswitchd(self, target: int, deadline: float, what: str) -> None:
+        """Until ovs-vswitchd has applied next_cfg `target`: a first window ending at
+        `deadline`, then windows of `timeout` while its process keeps working, up to
+        `busy_timeout` in all (a reconfiguration of thousands of ports on a loaded host,
+        or a boot storm's queue of them, outlasts one window; a dead or stuck
+        ovs-vswitchd does not get more)."""
         root = lambda: root_row(self._idl, self.remote)  # noqa: E731 - the row object changes on reconnect
-        self._run_until(
-            lambda: root().cur_cfg >= target, deadline,
-            lambda: AgentTimeout(
-                f"ovs-vswitchd did not apply {what} within {self.timeout:g} s "
-                f"(cur_cfg {root().cur_cfg} < next_cfg {target})", VSWITCHD_FIX),
-        )
+        pidfile = vswitchd.pidfile_for(self.remote)
+        started = time.monotonic()
+        before = vswitchd.activity(pidfile)
+        while True:
+            try:
+                self._run_until(lambda: root().cur_cfg >= target, deadline, _WindowOver)
+                return
+            except _WindowOver:
+                now = vswitchd.activity(pidfile)
+                waited = time.monotonic() - started
+                why = verdict(before, now, waited, self.busy_timeout, str(pidfile))
+                if why is not None:
+                    raise AgentTimeout(f"ovs-vswitchd did not apply {what} within {waited:.0f} s "
+                                       f"(cur_cfg {root().cur_cfg} < next_cfg {target}): {why}",
+                                       VSWITCHD_LOG_FIX) from None
+                log.info("ovs-vswitchd (pid %s) is still working after %.0f s: waiting on for %s", now and now.pid,
+                         waited, what, extra={"result": "waiting"})
+                before = now
+                deadline = min(time.monotonic() + self.timeout, started + self.busy_timeout)
+
+
+class _WindowOver(Exception):
+    """One window of a wait for ovs-vswitchd ended (model/vswitchd decides what next)."""
 
 
 def _steps(actions: Sequence[Action]) -> Iterator[tuple[list[Action], bool]]:

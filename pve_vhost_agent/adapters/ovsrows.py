@@ -24,7 +24,8 @@ from pve_vhost_agent.model.ovs import (
 
 # Tables and columns the agent reads or writes; nothing else is replicated.
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "Open_vSwitch": ("bridges", "other_config", "external_ids", "iface_types", "datapaths", "next_cfg", "cur_cfg"),
+    "Open_vSwitch": ("bridges", "other_config", "external_ids", "iface_types", "datapaths", "next_cfg", "cur_cfg",
+                     "dpdk_initialized", "dpdk_version"),
     "Bridge": ("name", "datapath_type", "ports", "external_ids"),
     "Port": ("name", "interfaces", "vlan_mode", "tag", "trunks", "cvlans", "other_config", "external_ids"),
     "Interface": (
@@ -114,6 +115,8 @@ def read_state(idl: Any, remote: str, port_bridges: Mapping[Any, str] | None = N
         datapath_owners=FrozenMap(dp_owners),
         next_cfg=root.next_cfg,
         cur_cfg=root.cur_cfg,
+        dpdk_initialized=_col(root, "dpdk_initialized", None),
+        dpdk_version=_one(_col(root, "dpdk_version", []), ""),
     )
 
 

@@ -15,7 +15,7 @@ PROXMOX_KVM = Path("/usr/bin/kvm")  # pve-qemu-kvm's binary on Proxmox
 DEBIAN_QEMU = "qemu-system-x86_64"
 VERSION_TIMEOUT = 10.0
 CACHE_NAME = "qemu-version"  # in the agent's run folder
-_VERSION = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
+_VERSION = re.compile(r"QEMU emulator version ([0-9]{1,4})\.([0-9]{1,4})(?:\.([0-9]{1,4}))?")
 
 
 def default_binary() -> Path:
@@ -60,8 +60,8 @@ def installed_version(binary: Path | str | None = None, cache_dir: Path | None =
             key, _, version = cache.read_text().partition("\n")
             if key == identity:
                 return parse_version(version)
-        except (OSError, AgentError):
-            pass  # missing or mangled: ask QEMU
+        except (OSError, ValueError, AgentError):
+            pass  # missing or mangled (not even UTF-8): ask QEMU
     version = _ask(path)
     if cache is not None and remember:
         _remember(cache, identity, version)

@@ -45,12 +45,23 @@ def folder(path: Path) -> Folder:
     return Folder(str(path), path.is_dir(), folder_problem(path) or "")
 
 
-def make_folder(path: Path) -> bool:
-    """Create `path` and its missing parents, mode 0755; True when something was made."""
+def check_folder(path: Path) -> None:
+    """ConfigConflict when `path` cannot be trusted with sockets (see `folder_problem`)."""
     problem = folder_problem(path)
     if problem:
         raise ConfigConflict(f"refusing the socket folder {path}: {problem}",
                              "make it a folder of root's with mode 0755, or remove it and let the agent make it")
+
+
+def make_folder(path: Path) -> bool:
+    """Create `path` and its missing parents, mode 0755; True when something was made."""
+    check_folder(path)
+    return create_folders(path, "socket folder")
+
+
+def create_folders(path: Path, what: str) -> bool:
+    """Create `path` and its missing parents, mode 0755 whatever the umask (`what` names it
+    in an error); True when something was made."""
     made = False
     for folder in reversed((path, *path.parents)):
         if folder.exists():
@@ -61,7 +72,7 @@ def make_folder(path: Path) -> bool:
         except FileExistsError:
             continue  # a concurrent start made it
         except OSError as err:
-            raise AgentError(f"cannot create the socket folder {folder}: {err.strerror}",
+            raise AgentError(f"cannot create the {what} {folder}: {err.strerror}",
                              f"make {folder} a folder root can write to") from err
         made = True
     return made

@@ -62,6 +62,8 @@ def load_spec(settings: Settings, parsed: pvefs.ParsedFiles | None = None) -> Cl
     if legacy is not None:
         have = {vmid for vmid, _path in files}
         parts += [_only(legacy, vmid) for vmid in legacy.vmids() + [h.vmid for h in legacy.hooks] if vmid not in have]
+    elif not files:
+        pvefs.require_mounted(settings.pve_dir)  # "nothing declared" only when pmxcfs says so
     return _merged(parts)
 
 
@@ -78,6 +80,7 @@ def load_vm_spec(settings: Settings, vmid: int) -> VmSpec:
 def update_spec(settings: Settings, change: Callable[[ClusterSpec], ClusterSpec]) -> SpecUpdate:
     """Apply `change` to the spec under the cluster lock; write only the VM files it changed."""
     with cluster_lock(settings):
+        pvefs.remove_stale_temp_files(settings.spec_dir)  # of writers killed mid-write, anywhere
         before = load_spec(settings)  # read under the lock: another node may just have written
         after = change(before)
         update = SpecUpdate(before, after)
@@ -106,12 +109,7 @@ def _migrate_locked(settings: Settings) -> int:
     moved = [vmid for vmid in sorted(set(_all_vmids(legacy))) if vmid not in have]
     for vmid in moved:
         _write_vm_file(settings, vmid, _only(legacy, vmid))
-    try:
-        settings.legacy_spec_file.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise pvefs.write_error(err, settings.legacy_spec_file) from err
+    pvefs.remove(settings.legacy_spec_file)
     log.info("moved the declarations of %d VMs from %s into %s", len(moved), settings.legacy_spec_file,
              settings.spec_dir)
     return len(moved)
@@ -148,13 +146,8 @@ def _load_legacy(settings: Settings) -> ClusterSpec | None:
 
 def _write_vm_file(settings: Settings, vmid: int, part: ClusterSpec) -> None:
     path = settings.vm_spec_file(vmid)
-    if not (part.nics or part.tap_qinq or part.hooks):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise pvefs.write_error(err, path) from err
+    if not (part.nics or part.tap_qinq or part.hooks or part.links):
+        pvefs.remove(path)
         return
     try:
         # pmxcfs fixes the modes of what is made in /etc/pve (chmod fails there).
@@ -170,19 +163,20 @@ def _all_vmids(cluster: ClusterSpec) -> list[int]:
 
 def _only(cluster: ClusterSpec, vmid: int) -> ClusterSpec:
     vm = cluster.for_vm(vmid)
-    return ClusterSpec(vm.nics, vm.tap_qinq, (vm.chained_hook,) if vm.chained_hook else ())
+    return ClusterSpec(vm.nics, vm.tap_qinq, (vm.chained_hook,) if vm.chained_hook else (), vm.links)
 
 
 def _merged(parts: list[ClusterSpec]) -> ClusterSpec:
-    """One spec of all VMs' (the cluster-wide checks, unique MACs, apply to the whole)."""
+    """One spec of all VMs' (the cluster-wide checks, unique MACs and link ports, apply to the whole)."""
     return ClusterSpec(tuple(n for p in parts for n in p.nics), tuple(q for p in parts for q in p.tap_qinq),
-                       tuple(h for p in parts for h in p.hooks))
+                       tuple(h for p in parts for h in p.hooks), tuple(e for p in parts for e in p.links))
 
 
 @contextlib.contextmanager
 def cluster_lock(settings: Settings) -> Iterator[None]:
     """Hold the agent's cluster-wide lock folder, waiting at most settings.lock_timeout."""
     lock = settings.cluster_lock_dir
+    pvefs.require_mounted(settings.pve_dir)  # never make priv/lock in the bare mount point
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.adapters.filelock import flocked
 from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound, VmBusy, VmChanged
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.model.spec import is_decimal
-
-_LOCK_POLL = 0.05  # seconds between flock attempts
-
 
 @dataclasses.dataclass(frozen=True)
 class VmLocation:
@@ -55,6 +51,7 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
     for _attempt in range(3):
         paths = sorted(settings.nodes_dir().glob(f"*/qemu-server/{vmid}.conf"))
         if not paths:
+            pvefs.require_mounted(settings.pve_dir)  # an unmounted /etc/pve hides every VM
             raise NotFound(
                 f"VM {vmid} does not exist: no node has qemu-server/{vmid}.conf under {settings.nodes_dir()}",
                 "check the VM id with `qm list` (or `pvesh get /cluster/resources --type vm`)",
@@ -70,6 +67,13 @@ def find_vm(settings: Settings, vmid: int) -> VmLocation:
             return VmLocation(vmid, node, paths[0], VmConfig.parse(text), local,
                               vm_running(settings, vmid) if local else None)
     raise AgentError(f"the config of VM {vmid} keeps moving between nodes", "wait for its migration to end, then retry")
+
+
+def vm_node(settings: Settings, vmid: int) -> str | None:
+    """The node whose folder holds VM `vmid`'s config (where it runs or would start), or
+    None when no node has it (or several do)."""
+    paths = list(settings.nodes_dir().glob(f"*/qemu-server/{vmid}.conf"))
+    return paths[0].parent.parent.name if len(paths) == 1 else None
 
 
 def local_vm_configs(settings: Settings, files: pvefs.ParsedFiles | None = None) -> list[tuple[int, VmConfig | AgentError]]:
@@ -118,13 +122,23 @@ def update_vm_config(settings: Settings, vmid: int, change: Callable[[VmConfig],
     _must_be_local(find_vm(settings, vmid))
     with vm_lock(settings, vmid):
         location = find_vm(settings, vmid)  # again: someone may have changed it meanwhile
-        _must_be_local(location)
-        _must_be_unlocked(location)
+        check_writable(location)
+        # Proxmox's writers of this config (`qm set`) hold this lock too.
+        pvefs.remove_stale_temp_files(location.path.parent, location.path.name)
         after = change(location.config)
         update = VmUpdate(location, after)
         if update.changed:
             pvefs.write_atomic(location.path, after.text)
         return update
+
+
+def check_writable(location: VmLocation, after: VmConfig | None = None) -> None:
+    """What a write of the VM's config needs, checked before anything is written: the VM
+    lives here, Proxmox has not locked it (`lock:`), and `after` fits pmxcfs."""
+    _must_be_local(location)
+    _must_be_unlocked(location)
+    if after is not None and after.text != location.config.text:
+        pvefs.check_size(location.path, after.text)
 
 
 def _must_be_local(location: VmLocation) -> None:
@@ -145,27 +159,13 @@ def _must_be_unlocked(location: VmLocation) -> None:
 def vm_lock(settings: Settings, vmid: int) -> Iterator[None]:
     """Hold Proxmox's lock of VM `vmid` (flock), waiting at most settings.lock_timeout."""
     path = settings.vm_lock(vmid)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise AgentError(f"cannot open the VM lock file {path}: {err.strerror}", "run the agent as root") from err
-    try:
-        deadline = time.monotonic() + settings.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise VmBusy(
-                        f"VM {vmid} is locked by another task (lock file {path}, waited {settings.lock_timeout:g} s)",
-                        "retry when the running `qm` task or VM start has finished",
-                    ) from None
-                time.sleep(_LOCK_POLL)
+
+    def busy() -> VmBusy:
+        return VmBusy(f"VM {vmid} is locked by another task (lock file {path}, waited {settings.lock_timeout:g} s)",
+                      "retry when the running `qm` task or VM start has finished")
+
+    with flocked(path, settings.lock_timeout, busy, "VM lock file"):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Mapping, Sequence
 
-from pve_vhost_agent.errors import AgentError, UsageError
+from pve_vhost_agent.errors import AgentError, ExitCode, UsageError
 from pve_vhost_agent.settings import ENV_NODE, ENV_OVSDB, ENV_ROOT, Settings
 
 
@@ -25,5 +25,16 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
         from pve_vhost_agent.flows.hook import run_hook  # after the checks: a bad call costs nothing
         return int(run_hook(settings, argv[0], argv[1], env))
     except AgentError as err:
-        print(f"pve-vhost-agent: {err}", file=sys.stderr, flush=True)
-        return int(err.exit_code)
+        return _say(str(err), int(err.exit_code))
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (pre-start's non-zero aborts the start)
+        from pve_vhost_agent.flows.bug import unexpected  # only on this path
+
+        return _say(str(unexpected(err)), int(ExitCode.FAILURE))
+
+
+def _say(line: str, code: int) -> int:
+    try:
+        print(f"pve-vhost-agent: {line}", file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - stderr gone or unencodable: the exit code still says it
+        pass
+    return code

@@ -12,22 +12,11 @@ from pathlib import Path
 import click
 
 from pve_vhost_agent import __version__
-from pve_vhost_agent.errors import AgentError
+from pve_vhost_agent.cli import common
 from pve_vhost_agent.settings import DEFAULT_OVSDB, ENV_NODE, ENV_OVSDB, ENV_ROOT, Settings
 
 
-class AgentGroup(click.Group):
-    """Turns an AgentError into one line on stderr and its exit code, nothing else."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except AgentError as err:
-            click.echo(f"pve-vhost-agent: {err}", err=True)
-            ctx.exit(int(err.exit_code))
-
-
-@click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=common.Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pve-vhost-agent")
 @click.option(
     "--root",
@@ -49,14 +38,15 @@ def main(ctx: click.Context, root: Path, ovsdb: str, node: str | None) -> None:
 
 
 def run() -> None:
-    """Console entry point (also used by `python3 -m pve_vhost_agent`)."""
-    main(prog_name="pve-vhost-agent")
+    """Console entry point (also used by `python3 -m pve_vhost_agent`): every error, of any
+    kind, ends as one line on stderr and its exit code (cli/common.call)."""
+    common.run(main)
 
 
 # Subcommand modules, one per group; each exports `COMMANDS`.
-from pve_vhost_agent.cli import hook, nic, ovs, service, vm  # noqa: E402  (imported after `main` exists)
+from pve_vhost_agent.cli import doctor, hook, link, nic, ovs, service, vm  # noqa: E402  (imported after `main` exists)
 
-SUBCOMMAND_MODULES: tuple = (nic, vm, ovs, hook, service)
+SUBCOMMAND_MODULES: tuple = (nic, link, vm, ovs, hook, service, doctor)
 
 for _module in SUBCOMMAND_MODULES:
     for _command in _module.COMMANDS:

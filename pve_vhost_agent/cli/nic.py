@@ -10,6 +10,7 @@ from typing import Callable
 
 import click
 
+from pve_vhost_agent.cli.common import VMID, Group
 from pve_vhost_agent.cli.vm import args_lines, args_row
 from pve_vhost_agent.errors import SpecError
 from pve_vhost_agent.flows import declare
@@ -78,13 +79,13 @@ def _report(settings: Settings, result: declare.Declared, what: str, as_json: bo
         click.echo(line)
 
 
-@click.group("nic")
+@click.group("nic", cls=Group, short_help="Declare vhost-user NICs of VMs.")
 def nic_group() -> None:
     """Declare vhost-user NICs of VMs (stored cluster-wide in /etc/pve)."""
 
 
-@nic_group.command("add")
-@click.argument("vmid", type=int)
+@nic_group.command("add", short_help="Declare a vhost-user NIC netN.")
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.vhost_fields())
 @_common
@@ -94,8 +95,8 @@ def nic_add(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: boo
     _report(settings, declare.add_nic(settings, vmid, nic, _change(options), dry_run), "declared", as_json)
 
 
-@nic_group.command("set")
-@click.argument("vmid", type=int)
+@nic_group.command("set", short_help="Change a declared vhost-user NIC.")
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.vhost_fields())
 @click.option("--no-vlan", is_flag=True, help="Drop the VLAN mode: the port carries all VLANs.")
@@ -106,8 +107,8 @@ def nic_set(settings: Settings, vmid: int, nic: str, no_vlan: bool, dry_run: boo
     _report(settings, declare.set_nic(settings, vmid, nic, _change(options, no_vlan), dry_run), "changed", as_json)
 
 
-@nic_group.command("remove")
-@click.argument("vmid", type=int)
+@nic_group.command("remove", short_help="Remove a declared vhost-user NIC.")
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_common
 @click.pass_obj
@@ -116,8 +117,8 @@ def nic_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: 
     _report(settings, declare.remove_nic(settings, vmid, nic, dry_run), "removed", as_json)
 
 
-@nic_group.command("list")
-@click.argument("vmid", type=int, required=False)
+@nic_group.command("list", short_help="List declared NICs.")
+@click.argument("vmid", type=VMID, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 @click.pass_obj
 def nic_list(settings: Settings, vmid: int | None, as_json: bool) -> None:
@@ -131,19 +132,19 @@ def nic_list(settings: Settings, vmid: int | None, as_json: bool) -> None:
         click.echo(f"{entry.vmid} {entry.name}: {entry.describe()}")
 
 
-@click.group("qinq")
+@click.group("qinq", cls=Group, short_help="Declare QinQ on Proxmox's tap NICs.")
 def qinq_group() -> None:
     """QinQ (dot1q-tunnel) for Proxmox's own tap NICs."""
 
 
-@qinq_group.command("set")
-@click.argument("vmid", type=int)
+@qinq_group.command("set", short_help="Declare QinQ for a tap NIC netN.")
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_field_options(fields.QINQ_FIELDS)
 @_common
 @click.pass_obj
 def qinq_set(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bool, **options) -> None:
-    """Declare QinQ for netN, a NIC in the VM config on an OVS bridge with tag=STAG.
+    """Declare QinQ for netN, a NIC in the VM config on an OVS or Linux bridge with tag=STAG.
 
     The tag makes Proxmox plug the tap as an access port of the S-VLAN until post-start
     turns it into a QinQ port: never a trunk of every VLAN.
@@ -155,8 +156,8 @@ def qinq_set(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json: bo
     _report(settings, declare.set_tap_qinq(settings, vmid, nic, qinq, dry_run), "declared", as_json)
 
 
-@qinq_group.command("remove")
-@click.argument("vmid", type=int)
+@qinq_group.command("remove", short_help="Remove a tap NIC's QinQ.")
+@click.argument("vmid", type=VMID)
 @click.argument("nic")
 @_common
 @click.pass_obj
@@ -165,11 +166,15 @@ def qinq_remove(settings: Settings, vmid: int, nic: str, dry_run: bool, as_json:
     _report(settings, declare.remove_tap_qinq(settings, vmid, nic, dry_run), "QinQ removed", as_json)
 
 
-@click.command("migrate-spec")
+@click.command("migrate-spec", short_help="Split the pre-0.2 spec file per VM.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def migrate_spec(settings: Settings) -> None:
+def migrate_spec(settings: Settings, as_json: bool) -> None:
     """Split the single spec file of versions before 0.2 into one file per VM (run on upgrade)."""
     moved = declare.migrate(settings)
+    if as_json:
+        click.echo(json.dumps({"moved_vms": moved, "spec_dir": str(settings.spec_dir)}, indent=2))
+        return
     click.echo(f"moved the declarations of {moved} VMs into {settings.spec_dir}" if moved
                else "nothing to move: the declarations are in one file per VM")
 

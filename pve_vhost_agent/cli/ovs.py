@@ -6,18 +6,19 @@ import json
 
 import click
 
+from pve_vhost_agent.cli.common import VMID, Group
 from pve_vhost_agent.model.ovs import OWNS_PORT
 from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import check_vmid
 
 
-@click.group("ovs")
+@click.group("ovs", cls=Group, short_help="Show the agent's Open vSwitch ports.")
 def ovs_group() -> None:
     """Open vSwitch ports of the agent (read-only)."""
 
 
-@ovs_group.command("status")
-@click.argument("vmid", type=int)
+@ovs_group.command("status", short_help="A VM's ports and their state.")
+@click.argument("vmid", type=VMID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_obj
 def status(settings: Settings, vmid: int, as_json: bool) -> None:

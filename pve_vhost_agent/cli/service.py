@@ -7,12 +7,15 @@ import sys
 
 import click
 
+from pve_vhost_agent.cli.common import SecondsType
 from pve_vhost_agent.settings import Settings
 
 
-@click.command("service")
-@click.option("--interval", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
-              help="Seconds between passes (a change in Open vSwitch starts one early).")
+@click.command("service", short_help="Keep this node in step (the systemd service).")
+@click.option("--interval", type=SecondsType(0.5, 86400), default=10.0, show_default=True,
+              envvar="PVE_VHOST_AGENT_INTERVAL",
+              help="Seconds between passes (a change in Open vSwitch or SIGHUP starts one early; "
+                   "env PVE_VHOST_AGENT_INTERVAL, e.g. in /etc/default/pve-vhost-agent).")
 @click.option("--once", is_flag=True, help="One pass, then exit: non-zero when there are problems.")
 @click.option("--dry-run", is_flag=True, help="One pass that prints the plan and changes nothing.")
 @click.pass_obj
@@ -32,7 +35,7 @@ def service(settings: Settings, interval: float, once: bool, dry_run: bool) -> N
     sys.exit(report.exit_code)
 
 
-@click.command("status")
+@click.command("status", short_help="One line: this node's VMs, ports, problems.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def status(settings: Settings, as_json: bool) -> None:

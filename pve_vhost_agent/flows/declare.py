@@ -4,7 +4,10 @@ A declaration changes the cluster-wide spec (under the cluster lock). On a VM wi
 agent's hookscript it then brings the args line in step at once, makes the socket
 folders, and on a running VM changes its OVS ports as far as its QEMU can take now (the
 rest is named as taking effect at its next start). A spec the VM could not start with
-is refused before anything is written.
+is refused before anything is written, and so is one whose args could not be written
+(Proxmox's `lock:`, a config over pmxcfs's 1 MiB). Spec and args change together or not
+at all: when the args write still fails (a task took the VM's lock meanwhile), the
+declaration is taken back, so the command run again does it all.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import dataclasses
 import os
 from typing import Callable, Iterator
 
-from pve_vhost_agent.adapters import pvefs
+from pve_vhost_agent.adapters import pvefs, qemu
 from pve_vhost_agent.adapters.specstore import SpecUpdate, load_spec, migrate_spec, update_spec
-from pve_vhost_agent.adapters.vmstore import VmLocation, find_vm
-from pve_vhost_agent.errors import NotFound, OvsUnavailable
+from pve_vhost_agent.adapters.vmstore import VmLocation, check_writable, find_vm
+from pve_vhost_agent.errors import AgentError, NotFound, OvsUnavailable
 from pve_vhost_agent.flows.enable import make_socket_folders
 from pve_vhost_agent.flows.running import follow_running_vm
 from pve_vhost_agent.flows.vmargs import VmArgs, apply_vm_args, sync_for, vm_args
@@ -127,11 +130,15 @@ def _declare(settings: Settings, vmid: int, nic: str, rule: Rule, dry_run: bool,
     spec.check_vmid(vmid)
     config = find_vm(settings, vmid).config if needs_vm else None
     enabled = _enabled(settings, vmid)
+    # Asked before the cluster lock: nothing slow (starting QEMU) runs while it is held.
+    version = qemu.installed_version() if enabled is not None else None
 
     def change(cluster: spec.ClusterSpec) -> spec.ClusterSpec:
         after = rule(cluster, vmid, index, config)
-        if enabled is not None:  # a spec the VM could not start with is not written
-            sync_for(settings, after.for_vm(vmid), enabled.config, bool(enabled.running))
+        if enabled is not None:  # a spec the VM could not start with, or whose args cannot be written, is not written
+            sync = sync_for(settings, after.for_vm(vmid), enabled.config, bool(enabled.running), version)
+            if not sync.in_sync:
+                check_writable(enabled, sync.config_after)
         return after
 
     if dry_run:
@@ -140,7 +147,12 @@ def _declare(settings: Settings, vmid: int, nic: str, rule: Rule, dry_run: bool,
     else:
         update = update_spec(settings, change)
     declared = Declared(vmid, index, update, dry_run)
-    return _follow(settings, declared, enabled) if update.changed else declared
+    if update.changed:
+        return _follow(settings, declared, enabled)
+    if enabled is not None and not dry_run:
+        # Declared already, by a run cut short before its args: this run brings them in step.
+        return dataclasses.replace(declared, args=apply_vm_args(settings, vmid))
+    return declared
 
 
 def _enabled(settings: Settings, vmid: int) -> VmLocation | None:
@@ -161,7 +173,7 @@ def _follow(settings: Settings, declared: Declared, enabled: VmLocation | None) 
     if enabled is None:
         next_step = () if dry_run else (f"next: `pve-vhost-agent enable {vmid}` sets the hookscript and writes the args line",)
         return dataclasses.replace(declared, lines=next_step)
-    args = vm_args(settings, vmid, update.after) if dry_run else apply_vm_args(settings, vmid, update.after)
+    args = vm_args(settings, vmid, update.after) if dry_run else _write_args(settings, declared)
     lines = [] if dry_run else make_socket_folders(settings, update.after.for_vm(vmid))
     before, after = update.before.for_vm(vmid), update.after.for_vm(vmid)
     if enabled.running and (before.ovs_nics or after.ovs_nics):
@@ -172,6 +184,34 @@ def _follow(settings: Settings, declared: Declared, enabled: VmLocation | None) 
             raise OvsUnavailable(f"VM {vmid}: spec and args written, but its running ports were not changed: {err}",
                                  "the service applies the change once Open vSwitch answers again") from err
     return dataclasses.replace(declared, args=args, lines=tuple(lines))
+
+
+def _write_args(settings: Settings, declared: Declared) -> VmArgs:
+    """The VM's args after its spec; when they cannot be written, the declaration is taken
+    back (the VM keeps the spec its args were written for) and the error says so."""
+    vmid = declared.vmid
+    try:
+        return apply_vm_args(settings, vmid)
+    except AgentError as err:
+        try:
+            _take_back(settings, declared)
+        except AgentError as undo:
+            raise type(err)(f"VM {vmid}: the spec was changed but its args were not ({err.problem}), and taking the "
+                            f"spec back failed too ({undo.problem})",
+                            f"run `pve-vhost-agent apply {vmid}` once this is solved: {err.fix or undo.fix}") from err
+        raise type(err)(f"{err.problem} (nothing was changed: the declaration was taken back)", err.fix) from err
+
+
+def _take_back(settings: Settings, declared: Declared) -> None:
+    """Put VM `declared.vmid`'s NIC back as it was, unless it was changed again since."""
+    vmid, index, ours, previous = declared.vmid, declared.index, declared.entry, declared.before
+
+    def back(cluster: spec.ClusterSpec) -> spec.ClusterSpec:
+        if cluster.entry(vmid, index) != ours:
+            return cluster  # declared again meanwhile: that is not ours to undo
+        return cluster.with_entry(previous) if previous is not None else cluster.without(vmid, index)
+
+    update_spec(settings, back)
 
 
 def _tap_facts(settings: Settings, entry: spec.TapQinQ) -> dict:

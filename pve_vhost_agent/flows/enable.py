@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pve_vhost_agent.adapters import sockets
+from pve_vhost_agent.adapters import pvefs, sockets
 from pve_vhost_agent.adapters import storage as storagecfg
 from pve_vhost_agent.plan.args import ArgsPlan
 from pve_vhost_agent.plan.argsync import sync_args
@@ -22,7 +22,7 @@ from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.adapters.specstore import load_spec, update_spec
 from pve_vhost_agent.flows.vmargs import qemu_version_for, sync_for
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
-from pve_vhost_agent.adapters.vmstore import find_vm, update_vm_config, vm_running
+from pve_vhost_agent.adapters.vmstore import VmLocation, check_writable, find_vm, update_vm_config, vm_running
 
 # The checkout's copy first (tests, demo), then the package's.
 HOOK_SOURCES = (
@@ -47,7 +47,8 @@ def install(settings: Settings, storage: str, dry_run: bool = False) -> tuple[Pa
         return target, False
     if dry_run:
         return target, True
-    target.parent.mkdir(parents=True, exist_ok=True)
+    sockets.create_folders(target.parent, "snippets folder")  # 0755 whatever the umask: root runs what is in it
+    pvefs.remove_stale_temp_files(target.parent, f".{HOOK_NAME}")  # of an install killed before its rename
     tmp = target.with_name(f".{HOOK_NAME}.tmp.{os.getpid()}")
     try:
         tmp.write_bytes(content)
@@ -58,12 +59,29 @@ def install(settings: Settings, storage: str, dry_run: bool = False) -> tuple[Pa
     return target, True
 
 
+def check_enable(settings: Settings, location: VmLocation, vm: VmSpec, again: str) -> str | None:
+    """Refuse, before anything is installed or written, what would make an enabled VM
+    fail: another node's VM, one Proxmox has locked, a hookscript of its own that Proxmox
+    could not run (the agent's chains it in every phase), a socket folder its start would
+    refuse. The VM's own hookscript to chain, if it has one; `again` is the command to rerun."""
+    check_writable(location)
+    before = location.config.section(MAIN).get("hookscript")
+    chained = before if before and not is_agent_hook(before) else None
+    if chained:
+        storagecfg.runnable_snippet(settings, chained, f"VM {vm.vmid}'s hookscript",
+                                    f"restore it, or take it off the VM (qm set {vm.vmid} --delete hookscript), "
+                                    f"then run `{again}` again")
+    for folder in _socket_folders(settings, vm):
+        sockets.check_folder(folder)
+    return chained
+
+
 def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -> list[str]:
     ours = hook_volume(storage)
     location = find_vm(settings, vmid)
-    before = location.config.section(MAIN).get("hookscript")
     cluster = load_spec(settings)
     vm = cluster.for_vm(vmid)
+    before = check_enable(settings, location, vm, f"pve-vhost-agent enable {vmid}")
     # Plan before writing anything: a VM the agent must refuse gets nothing written.
     version = qemu_version_for(settings, vm)  # once, before the lock: nothing slow runs while it is held
     planned = sync_for(settings, vm, location.config.with_value("hookscript", ours), bool(location.running), version)
@@ -71,13 +89,13 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
     if dry_run:
         lines = [f"dry run: VM {vmid}: would " + ("install the hookscript at {path} and " if installs else "")
                  .format(path=path) + f"set hookscript: {ours}"]
-        if before and not is_agent_hook(before):
+        if before:
             lines.append(f"dry run: VM {vmid}: would run its hookscript {before} after the agent's")
         if not planned.in_sync:
             lines.append(f"dry run: VM {vmid}: would write args: {planned.line_after or '(none)'}")
         return lines
     lines = []
-    if before and not is_agent_hook(before):
+    if before:
         update_spec(settings, lambda spec: spec.with_hook(vmid, before))
         lines.append(f"VM {vmid}: its hookscript {before} will run after the agent's, in every phase")
 
@@ -99,12 +117,12 @@ def enable(settings: Settings, vmid: int, storage: str, dry_run: bool = False) -
 def make_socket_folders(settings: Settings, vm: VmSpec) -> list[str]:
     """The VM's socket folders, made now (pre-start would make them too): an external
     switch (VPP/TNSR) creates its server socket there before the VM can start."""
-    lines = []
-    for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):
-        folder = settings.socket_dir(backend.value)
-        if sockets.make_folder(folder):
-            lines.append(f"socket folder {folder} made for the {backend.value} backend")
-    return lines
+    return [f"socket folder {folder} made for the {folder.name} backend"
+            for folder in _socket_folders(settings, vm) if sockets.make_folder(folder)]
+
+
+def _socket_folders(settings: Settings, vm: VmSpec) -> list[Path]:
+    return [settings.socket_dir(backend) for backend in sorted({nic.backend.value for nic in vm.nics})]
 
 
 def disable(settings: Settings, vmid: int, dry_run: bool = False) -> list[str]:
@@ -122,7 +140,7 @@ def disable(settings: Settings, vmid: int, dry_run: bool = False) -> list[str]:
         current = config.section(MAIN).get("hookscript")
         if is_agent_hook(current):
             config = config.with_value("hookscript", previous)
-        return sync_args(config, ArgsPlan(), vm_running(settings, vmid)).config_after
+        return sync_args(config, ArgsPlan(), vm_running(settings, vmid), marked=()).config_after  # GUI marks go too
 
     if dry_run:
         after = change(location.config)

@@ -10,9 +10,12 @@ makes it so, or refuses; the other phases do their part and only warn.
   `external` switch must listen: QEMU blocks at its vhost-user netdev until the switch
   connects, so a missing port or server would hang the start. Room for the shared
   memory is only warned about.
-- post-start: QinQ on Proxmox's tap ports (plugged while QEMU started); port states logged.
+- post-start: QinQ on Proxmox's tap ports (plugged while QEMU started), on Open vSwitch or
+  Linux bridges (flows/lbqinq); port states logged; each link end gets its UDP socket
+  (flows/links.py), also on a migration target.
 - pre-stop: nothing destructive (it does not run when the guest powers off or crashes).
-- post-stop: the VM's own OVS ports and sockets go, taps get Proxmox's settings back.
+- post-stop: the VM's own OVS ports, S-VLAN devices and sockets go, taps get Proxmox's
+  settings back.
 
 A VM "uses the agent" when it has a spec or agent-owned args (a clone or restore copies
 `args:` and `hookscript:` but not the spec): every phase then reads its config and runs,
@@ -28,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ from pve_vhost_agent.adapters.host import read_host_memory, read_links, unix_soc
 from pve_vhost_agent.adapters.journal import context_logger, setup_logging
 from pve_vhost_agent.adapters.specstore import load_vm_spec
 from pve_vhost_agent.errors import AgentError, AgentTimeout, ExitCode, NotFound, OvsRefused, OvsUnavailable, UsageError
+from pve_vhost_agent.flows import lbqinq
 from pve_vhost_agent.flows.apply import Applied, apply_plan
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
@@ -159,10 +162,16 @@ def run_hook(settings: Settings, vmid: str, phase: str, env: Mapping[str, str]) 
             log.warning("%s: %s", call.phase, err, extra=fields)
     if vm.chained_hook is None:
         return ExitCode.OK
-    chained = run_chained(settings, vm.chained_hook, call, env)
-    if chained != 0 and call.phase == "pre-start" and vm:
-        log.error("start aborted by the chained hookscript %s; undoing this pre-start",
-                  vm.chained_hook.hookscript, extra={"vmid": call.vmid, "phase": call.phase})
+    undo = call.phase == "pre-start" and bool(vm)  # the agent's pre-start ran: a failed chained one is undone
+    try:
+        chained, why = run_chained(settings, vm.chained_hook, call, env), ""
+    except AgentError as err:
+        if not undo:
+            raise
+        chained, why = int(err.exit_code), f": {err}"
+    if chained != 0 and undo:
+        log.error("start aborted by the chained hookscript %s%s; undoing this pre-start",
+                  vm.chained_hook.hookscript, why, extra={"vmid": call.vmid, "phase": call.phase})
         roll_back(settings, call, vm, config)
     return chained
 
@@ -174,17 +183,22 @@ def run_phase(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig |
 
 
 def roll_back(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig | None) -> None:
-    """Undo a pre-start whose start is aborted after it (no other hook will run)."""
-    if vm.ovs_nics:
+    """Undo a pre-start whose start is aborted after it (no other hook will run); what
+    cannot be undone now is left to the service, with a warning."""
+    if not vm.ovs_nics:
+        return
+    try:
         run_phase(settings, dataclasses.replace(call, phase="post-stop"), vm, config)
+    except AgentError as err:
+        log.warning("the ports of the aborted start were not all removed: %s; the service removes them", err,
+                    extra={"vmid": call.vmid, "phase": call.phase, "result": "failed"})
 
 
 def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapping[str, str]) -> int:
     """Run the VM's previous hookscript as Proxmox would: same argv, environment, stdin."""
-    path = storagecfg.snippet_path(settings, hook.hookscript)
-    fix = f"restore it, or drop it: pve-vhost-agent disable {call.vmid} && pve-vhost-agent enable {call.vmid}"
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise NotFound(f"chained hookscript {hook.hookscript} ({path}) is missing or not executable", fix)
+    fix = (f"restore it, or drop it: pve-vhost-agent disable {call.vmid}, qm set {call.vmid} --delete hookscript, "
+           f"pve-vhost-agent enable {call.vmid}")
+    path = storagecfg.runnable_snippet(settings, hook.hookscript, "chained hookscript", fix)
     import subprocess  # only a VM that chains a hookscript runs one
 
     try:
@@ -205,10 +219,12 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
 def _pre_start(ctx: HookContext) -> None:
     settings, vm = ctx.settings, ctx.vm
     config = _config_at_start(ctx)
-    needs_ovs = bool(vm.tap_qinq or vm.ovs_nics)
+    netdevs = lbqinq.start_links(vm)
+    ovs_part = lbqinq.ovs_part(vm, start_config(config, ctx.call.migrated_from).values, netdevs)
+    needs_ovs = bool(ovs_part.tap_qinq or vm.ovs_nics)
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_vm_ovsdb(settings, vm.vmid)) if needs_ovs else None
-        plan = plan_pre_start(_observe_start(settings, ctx.call, vm, config, db))
+        plan = plan_pre_start(dataclasses.replace(_observe_start(settings, ctx.call, vm, config, db), netdevs=netdevs))
         _say(ctx, plan.notes, plan.warnings)
         if plan.ports and not any(a.target == OVS for a in plan.actions):
             ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
@@ -225,6 +241,8 @@ def _pre_start(ctx: HookContext) -> None:
 def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmConfig, db: Ovsdb | None) -> StartView:
     """Everything pre-start decides on, read once: what the VM does not need is not read."""
     view = StartView(vm, config, call.migrated_from, settings.socket_dirs())
+    if vm.links:
+        view = dataclasses.replace(view, links=_link_facts(settings, vm))
     if db is not None:
         try:
             view = dataclasses.replace(view, ovs=db.snapshot())
@@ -242,6 +260,18 @@ def _observe_start(settings: Settings, call: HookCall, vm: VmSpec, config: VmCon
                                                  EXTERNAL_CONNECT_TIMEOUT)
                   for nic in vm.nics if nic.backend is Backend.EXTERNAL},
     )
+
+
+def _link_facts(settings: Settings, vm: VmSpec):
+    """Where the link ends' peers are; None (the start goes on, it only says less) when
+    that cannot be read: a start needs nothing from its peers."""
+    from pve_vhost_agent.flows import links as vm_links  # only a VM with link ends needs them
+
+    try:
+        return vm_links.facts_for(settings, vm.links)
+    except AgentError as err:
+        log.warning("link ends not checked: %s", err, extra={"vmid": vm.vmid, "result": "failed"})
+        return None
 
 
 def _qemu_version(settings: Settings) -> tuple[int, int, int]:
@@ -264,7 +294,16 @@ def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
 
 
 def _post_start(ctx: HookContext) -> None:
-    vm = served_spec(ctx.vm, start_config(ctx.config, ctx.call.migrated_from)) if ctx.config else ctx.vm
+    start = start_config(ctx.config, ctx.call.migrated_from) if ctx.config else None
+    vm = served_spec(ctx.vm, start) if start else ctx.vm
+    vm = lbqinq.post_start(ctx.settings, vm, start.values if start else {}, ctx.log)
+    if vm.links:
+        from pve_vhost_agent.flows import links as vm_links  # only a VM with link ends needs QMP
+
+        try:  # Proxmox holds the VM's lock while its hooks run: no guard needed here
+            vm_links.connect_ends(ctx.settings, vm.vmid, vm.links, ctx.log)
+        except AgentError as err:  # the VM runs; the service connects its ends on its next pass
+            ctx.log.warning("link ends not connected: %s; the service tries again", err, extra={"result": "failed"})
     if not vm.tap_qinq and not vm.ovs_nics:
         return
     links = _tap_links(ctx) if vm.tap_qinq else None
@@ -284,11 +323,16 @@ def _pre_stop(ctx: HookContext) -> None:
 
 def _post_stop(ctx: HookContext) -> None:
     vmid, settings = ctx.call.vmid, ctx.settings
-    with _vm_ovsdb(settings, vmid) as db:
-        removal = plan_vm_removal(vmid, db.snapshot())
-        if not removal:
-            ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
-        apply_plan(settings, removal, ctx.log, db=db)
+    running = ctx.config.section(MAIN) if ctx.config else {}
+    rest = lbqinq.post_stop(settings, ctx.vm, running, ctx.log)
+    # A VM all of whose QinQ is on Linux bridges leaves Open vSwitch alone (the host may
+    # have none); anything else of the agent's there is the service's to clean up.
+    if not ctx.vm or rest:
+        with _vm_ovsdb(settings, vmid) as db:
+            removal = plan_vm_removal(vmid, db.snapshot())
+            if not removal:
+                ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
+            apply_plan(settings, removal, ctx.log, db=db)
     # QEMU (the server of `ovs` sockets) is gone; a socket file it left is stale. The
     # `external` folder belongs to the external switch: never touched.
     apply_plan(settings, tuple(DelSocket(vmid, str(sock)) for sock in _stale_sockets(settings, vmid)), ctx.log)

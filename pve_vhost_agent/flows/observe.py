@@ -12,16 +12,21 @@ import dataclasses
 from typing import Callable
 
 from pve_vhost_agent.adapters import pvefs, qemu, sockets
+from pve_vhost_agent.adapters.linkstate import read_link_state
 from pve_vhost_agent.adapters.ovsdb import UNREACHABLE_FIX, Ovsdb, Scope
 from pve_vhost_agent.adapters.specstore import load_spec
 from pve_vhost_agent.adapters.vmstore import held_vm_locks, local_vm_configs, vm_running
 from pve_vhost_agent.errors import AgentError, OvsUnavailable
+from pve_vhost_agent.formats.vmconfig import MAIN
+from pve_vhost_agent.model.links import LinkFacts, RunningLinks
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
+from pve_vhost_agent.plan.links import has_link_devices
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
 
+OVSDB_PROBLEM, CLUSTER_FS_PROBLEM = "ovsdb", "pmxcfs"  # problems that keep their identity while their words change
 # How the service reads Open vSwitch: given the scope, a snapshot or why there is none.
 OvsReader = Callable[[Scope], "tuple[OvsState | None, Problem | None]"]
 
@@ -43,7 +48,7 @@ def observe_ovs(db: Ovsdb, scope: Scope) -> tuple[OvsState | None, Problem | Non
             raise OvsUnavailable(f"lost the connection to OVSDB at {db.remote}", UNREACHABLE_FIX)
         return state, None
     except AgentError as err:
-        return None, Problem.of(err)
+        return None, Problem.of(err, key=OVSDB_PROBLEM)
 
 
 def ovs_scope(spec: ClusterSpec | None, vms: tuple[LocalVm, ...]) -> Scope:
@@ -65,12 +70,19 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
     caches = caches or Caches()
     problems = []
     spec: ClusterSpec | None
-    try:
-        spec = load_spec(settings, caches.specs)
-    except AgentError as err:
-        spec, problems = None, [Problem.of(err)]
-    vms, unreadable = _local_vms(settings, caches)
-    problems += unreadable
+    cluster_fs = pvefs.cluster_fs(settings.pve_dir)
+    fs_error = pvefs.cluster_fs_error(settings.pve_dir) if cluster_fs != pvefs.MOUNTED else None
+    if fs_error is not None:
+        problems.append(Problem.of(fs_error, key=CLUSTER_FS_PROBLEM))
+    if cluster_fs == pvefs.NOT_MOUNTED:  # an empty folder: no VM, no spec can be known
+        spec, vms = None, ()
+    else:
+        try:
+            spec = load_spec(settings, caches.specs)
+        except AgentError as err:
+            spec, problems = None, problems + [Problem.of(err)]
+        vms, unreadable = _local_vms(settings, caches)
+        problems += unreadable
     ovs, ovs_problem = read_ovs(ovs_scope(spec, vms))
     problems = ([ovs_problem] if ovs_problem else []) + problems
     socket_names = ovs_sockets(settings)
@@ -87,6 +99,14 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
             busy.add(vmid)
         if vm_running(settings, vmid):
             running.add(vmid)
+    netdevs = None
+    try:  # every pass: a leftover S-VLAN bridge is found by its mark, whatever is declared
+        netdevs = read_link_state(tap.port_name for vm in vms if vm.enabled and spec is not None
+                                  for tap in spec.for_vm(vm.vmid).tap_qinq)
+    except AgentError as err:
+        problems.append(Problem.of(err))
+    links, link_facts, link_problems = _observe_links(settings, spec, vms, running, busy)
+    problems += link_problems
     version = None
     if spec is not None and any(spec.for_vm(vm.vmid).nics for vm in vms if vm.enabled):
         try:
@@ -104,7 +124,36 @@ def observe_node(settings: Settings, read_ovs: OvsReader, caches: Caches | None 
         socket_dirs=settings.socket_dirs(),
         qemu_version=version,
         problems=tuple(problems),
+        cluster_fs=cluster_fs,
+        netdevs=netdevs,
+        links=links,
+        link_facts=link_facts,
     )
+
+
+def _observe_links(settings: Settings, spec: ClusterSpec | None, vms: tuple[LocalVm, ...], running: set[int],
+                   busy: set[int]) -> tuple[dict[int, RunningLinks], LinkFacts | None, list[Problem]]:
+    """The link ends of this node's running enabled VMs, as their QEMU has them (asked over
+    QMP; never a busy VM's: Proxmox may be talking to it), and where their peers are."""
+    if spec is None:
+        return {}, None, []
+    wanted = [vm for vm in vms if vm.enabled and vm.vmid in running and vm.vmid not in busy
+              and (spec.for_vm(vm.vmid).links or has_link_devices(vm.config.section(MAIN).get("args", "")))]
+    if not wanted:
+        return {}, None, []
+    from pve_vhost_agent.adapters import links  # QMP, only for VMs with link ends
+
+    found, problems = {}, []
+    for vm in wanted:
+        try:
+            found[vm.vmid] = links.observe(settings, vm.vmid)
+        except AgentError as err:
+            problems.append(Problem.of(err, vm.vmid))
+    try:
+        peers = {end.peer[0] for vm in wanted for end in spec.for_vm(vm.vmid).links}
+        return found, links.facts(settings, peers), problems
+    except AgentError as err:
+        return found, None, problems + [Problem.of(err)]
 
 
 def _local_vms(settings: Settings, caches: Caches) -> tuple[tuple[LocalVm, ...], list[Problem]]:

@@ -2,9 +2,11 @@
 
 Each pass observes this node (nodestate), plans (reconcile.plan_node), applies each action
 on its own and tells systemd a one-line status (nodestatus). One VM's error is logged and
-reported; the others go on. It wakes every `interval` seconds, and early when OVSDB
-changes (Proxmox re-plugging a tap port). SIGTERM or SIGINT ends it after the current
-action, with exit code 0.
+reported; the others go on. It wakes every `interval` seconds, early when OVSDB changes
+(Proxmox re-plugging a tap port), and at once on SIGHUP (`systemctl reload`). SIGTERM or
+SIGINT ends it after the current action, with exit code 0. Under systemd's watchdog
+(WatchdogSec=) it says WATCHDOG=1 between the steps of a pass and while it waits, so a
+pass that hangs (a stuck /etc/pve read, say) gets the service killed and restarted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable
 
 from systemd import daemon
 
-from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable
+from pve_vhost_agent.errors import AgentError, ExitCode, OvsUnavailable, Unexpected
 from pve_vhost_agent.adapters.journal import setup_logging
 from pve_vhost_agent.adapters.specstore import migrate_spec
 from pve_vhost_agent.flows.observe import Caches, observe_node, observe_ovs
@@ -36,6 +38,7 @@ from pve_vhost_agent.settings import Settings
 from pve_vhost_agent.model.spec import ClusterSpec
 from pve_vhost_agent.flows.vmargs import apply_vm_args
 from pve_vhost_agent.adapters.vmstore import vm_busy
+from pve_vhost_agent.flows.doctor import DoctorWatch, doctor_errors
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +59,20 @@ class PassReport:
     plan: NodePlan  # planned again after applying: normally nothing is left
     failures: tuple[Problem, ...]
     when: datetime.datetime
+    doctor_errors: int = 0  # error-level findings of `pve-vhost-agent doctor` (flows/doctor.py)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
         return self.plan.problems + self.failures
 
     def summary(self) -> dict:
-        return node_summary(self.state, self.plan, self.failures)
+        return {**node_summary(self.state, self.plan, self.failures), "doctor_errors": self.doctor_errors}
 
     def line(self, label: str = "last pass") -> str:
-        return status_line(self.summary(), self.when, label)
+        line = status_line(self.summary(), self.when, label)
+        if self.doctor_errors:
+            line += f"; doctor: {self.doctor_errors} error{'s' if self.doctor_errors != 1 else ''} (pve-vhost-agent doctor)"
+        return line
 
     @property
     def exit_code(self) -> int:
@@ -78,16 +85,19 @@ class PassReport:
 class Service:
     """Observe, plan and apply for one node, over one lazily opened OVSDB connection."""
 
-    def __init__(self, settings: Settings, stopping: Callable[[], bool] = lambda: False):
+    def __init__(self, settings: Settings, stopping: Callable[[], bool] = lambda: False,
+                 alive: Callable[[], None] = lambda: None):
         self.settings = settings
         self.stopping = stopping
+        self.alive = alive  # called between the steps of a pass: systemd's watchdog sees progress
         self._db: Ovsdb | None = None
         self._seqno = 0  # the OVSDB version of the last observation
         self._deferred: tuple[int, ...] = ()  # busy VMs with work waiting, from the last pass
-        self._reported: set[str] = set()
+        self._reported: dict[tuple[int | None, str], Problem] = {}  # identity -> as first logged
         self._told_later: set[str] = set()
         self._caches = Caches()  # parsed files kept while they do not change
         self._last: tuple[NodeState, NodePlan] | None = None  # a plan stays valid while its state does
+        self._doctor = DoctorWatch()  # the host network doctor, run again only when something changed
 
     def __enter__(self) -> "Service":
         return self
@@ -123,17 +133,18 @@ class Service:
     def check(self) -> PassReport:
         """Observe and plan, apply nothing (`status`, `--dry-run`)."""
         state = self.observe(remember=False)
-        return PassReport(state, self.plan(state), (), _now())
+        return PassReport(state, self.plan(state), (), _now(), doctor_errors(self.settings, state))
 
     def run_pass(self) -> PassReport:
         when = _now()
         state = self.observe()
+        self.alive()
         plan = self.plan(state)
         failures = self._apply(plan, state) if plan.actions else []
         if plan.actions:  # report the node as it is now
             state = self.observe()
             plan = self.plan(state)
-        report = PassReport(state, plan, tuple(failures), when)
+        report = PassReport(state, plan, tuple(failures), when, self._doctor.update(self.settings, state))
         self._log_problems(report.problems)
         for note in sorted(set(plan.at_next_start) - self._told_later):
             log.info("%s", note, extra={"result": "at next start"})
@@ -141,19 +152,24 @@ class Service:
         self._deferred = plan.deferred
         return report
 
-    def wait(self, interval: float, wake_fd: int | None = None) -> None:
-        """Until `interval` s have passed, OVSDB changed (then a short settle), or `wake_fd` is readable."""
+    def wait(self, interval: float, wake_fd: int | None = None) -> bool:
+        """Until `interval` s have passed, OVSDB changed (then a short settle), or `wake_fd`
+        is readable. True when the next pass is due now: OVSDB changed, a busy VM or an
+        unreachable OVS is to be looked at again (False: only `interval` passed, or `wake_fd`)."""
         started = time.monotonic()
         fds = [wake_fd] if wake_fd is not None else []
-        if self._deferred:
-            log.debug("VMs %s are busy with work waiting: next pass in %g s", self._deferred, BUSY_RETRY)
-            interval = min(interval, BUSY_RETRY)
         if self._db is None:
             select.select(fds, [], [], min(interval, OVS_RETRY))
-            return
+            return True
+        retry = bool(self._deferred) and interval >= BUSY_RETRY
+        if retry:
+            log.debug("VMs %s are busy with work waiting: next pass in %g s", self._deferred, BUSY_RETRY)
+            interval = BUSY_RETRY
         if self._db.wait_for_change(self._seqno, interval, fds):
             log.debug("OVSDB changed: next pass early")
             select.select(fds, [], [], max(SETTLE, started + MIN_GAP - time.monotonic()))
+            return True
+        return retry and time.monotonic() - started >= BUSY_RETRY
 
     # --- applying ----------------------------------------------------------------------
 
@@ -177,6 +193,7 @@ class Service:
         return failures
 
     def _apply_part(self, actions: list[Action], plan: NodePlan, state: NodeState) -> list[Problem]:
+        self.alive()
         vmids = sorted({a.vmid for a in actions if getattr(a, "vmid", None) is not None})
         try:
             if self._db is None and any(a.target == OVS for a in actions):
@@ -193,7 +210,7 @@ class Service:
         except Exception as err:  # a bug must not stop the other VMs' work
             log.exception("applying %s failed unexpectedly", ", ".join(a.sentence() for a in actions[:3]),
                           extra={"result": "failed"})
-            return [Problem(vmids[0] if len(vmids) == 1 else None, f"{err!r} while applying the plan; please report this bug")]
+            return [Problem.of(Unexpected.of(err, " (the traceback is in the journal)"), vmids[0] if len(vmids) == 1 else None)]
         return []
 
     def _write_args(self, action: WriteVmArgs, spec: ClusterSpec | None) -> str:
@@ -205,14 +222,17 @@ class Service:
         return "unchanged" if result.sync.in_sync else "changed"
 
     def _log_problems(self, problems: tuple[Problem, ...]) -> None:
-        """Each problem once when it appears and once when it is gone, not every pass."""
-        now = {str(p): p for p in problems}
-        for text, problem in now.items():
-            if text not in self._reported:
-                log.warning("%s", text, extra={"vmid": problem.vmid, "result": "problem"})
-        for text in sorted(self._reported - set(now)):
-            log.info("resolved: %s", text, extra={"result": "resolved"})
-        self._reported = set(now)
+        """Each problem once when it appears and once when it is gone, not every pass. A
+        problem whose words change while it lasts (OVSDB "lost", then "cannot reach") is
+        the same problem: its end is logged only when it has ended."""
+        now = {p.identity: p for p in problems}
+        for identity, problem in now.items():
+            if identity not in self._reported:
+                log.warning("%s", problem, extra={"vmid": problem.vmid, "result": "problem"})
+        for identity in sorted(set(self._reported) - set(now), key=str):
+            gone = self._reported[identity]
+            log.info("resolved: %s", gone, extra={"vmid": gone.vmid, "result": "resolved"})
+        self._reported = {**now, **{i: self._reported[i] for i in now if i in self._reported}}
 
 
 def _by_vm(actions: list[Action]) -> list[list[Action]]:
@@ -236,22 +256,25 @@ def _now() -> datetime.datetime:
 # --- the loop -------------------------------------------------------------------------
 
 
-class StopSignals:
-    """SIGTERM/SIGINT set a flag and wake any wait (through a pipe), instead of raising."""
+class Signals:
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload` (`systemctl reload`: a pass now);
+    each wakes any wait through a pipe, instead of raising."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    STOP = (signal.SIGTERM, signal.SIGINT)
+    RELOAD = signal.SIGHUP
 
     def __init__(self) -> None:
-        self.received = False
+        self.stop = False
+        self.reload = False
         self.fd = -1
         self._write_fd = -1
         self._previous: dict = {}
         self._previous_wakeup = -1
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> "Signals":
         self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_wakeup = signal.set_wakeup_fd(self._write_fd)
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (*self.STOP, self.RELOAD)}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -262,8 +285,34 @@ class StopSignals:
         os.close(self._write_fd)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        log.info("%s received: stopping after the current step", signal.Signals(signum).name)
-        self.received = True
+        if signum == self.RELOAD:
+            log.info("SIGHUP received: a pass now")
+            self.reload = True
+        else:
+            log.info("%s received: stopping after the current step", signal.Signals(signum).name)
+            self.stop = True
+
+    def take_reload(self) -> bool:
+        """Whether SIGHUP came since the last call; empties the wake-up pipe."""
+        try:
+            while os.read(self.fd, 64):
+                pass
+        except BlockingIOError:
+            pass
+        asked, self.reload = self.reload, False
+        return asked
+
+
+def watchdog_period(environ: dict | None = None) -> float | None:
+    """How often to tell systemd's watchdog that the loop is alive (half of WatchdogSec=),
+    or None without a watchdog (sd_watchdog_enabled: WATCHDOG_USEC, for this PID)."""
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+        pid = int(env.get("WATCHDOG_PID", os.getpid()))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 and pid == os.getpid() else None
 
 
 def stderr_is_journal() -> bool:
@@ -287,22 +336,40 @@ def run_service(settings: Settings, interval: float, once: bool,
         migrate_spec(settings)  # after an upgrade from a single spec file: once, on whichever node is first
     except AgentError as err:
         log.warning("the old spec file was not split into per-VM files: %s", err, extra={"result": "problem"})
-    with StopSignals() as stop, Service(settings, lambda: stop.received) as service:
+    ping_every = watchdog_period()
+    alive = (lambda: daemon.notify("WATCHDOG=1")) if ping_every else (lambda: None)
+    with Signals() as signals, Service(settings, lambda: signals.stop, alive) as service:
         ready = False
-        while not stop.received:
+        while not signals.stop:
+            signals.take_reload()  # a SIGHUP during a pass is served by that pass
             try:
                 report = service.run_pass()
                 line = report.line()
             except Exception as err:  # noqa: BLE001 - the service must outlive a bad pass
                 log.exception("pass failed: %s", err, extra={"result": "failed"})
                 report, line = None, f"last pass {_now():%H:%M:%S} failed: {err}"
-            daemon.notify(("" if ready else "READY=1\n") + f"STATUS={line}")
+            daemon.notify(("" if ready else "READY=1\n") + f"STATUS={line}" + ("\nWATCHDOG=1" if ping_every else ""))
             ready = True
             if once:
                 echo(line)
                 return report.exit_code if report else int(ExitCode.FAILURE)
             log.debug("%s", line)
-            service.wait(interval, stop.fd)
+            _wait_for_next_pass(service, signals, interval, ping_every, alive)
     daemon.notify("STOPPING=1")
     log.info("stopped")
     return int(ExitCode.OK)
+
+
+def _wait_for_next_pass(service: Service, signals: Signals, interval: float, ping_every: float | None,
+                        alive: Callable[[], None]) -> None:
+    """Until `interval` passed, OVSDB changed, a retry is due, SIGHUP or SIGTERM came;
+    telling the watchdog every `ping_every` s meanwhile."""
+    deadline = time.monotonic() + interval
+    while not signals.stop:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        due = service.wait(min(left, ping_every) if ping_every else left, signals.fd)
+        alive()
+        if due or signals.take_reload():
+            return

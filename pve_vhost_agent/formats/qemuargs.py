@@ -196,13 +196,36 @@ def is_agent_owned(pair: OptionPair) -> bool:
     return False
 
 
-def _owned_indices(tokens: Sequence[Token]) -> set[int]:
+def _pair_indices(tokens: Sequence[Token], owned_only: bool = True) -> set[int]:
+    """Indices of the words in option pairs (the agent-owned ones only, by default)."""
     index = {token: i for i, token in enumerate(tokens)}  # spans make tokens unique
-    owned = set()
+    found = set()
     for pair in option_pairs(tokens):
-        if is_agent_owned(pair):
-            owned.update((index[pair.option], index[pair.value]))
-    return owned
+        if not owned_only or is_agent_owned(pair):
+            found.update((index[pair.option], index[pair.value]))
+    return found
+
+
+def _owned_indices(tokens: Sequence[Token]) -> set[int]:
+    return _pair_indices(tokens)
+
+
+def _check_no_swallowed_option(line: str, tokens: Sequence[Token]) -> None:
+    """Refuse a word outside any option that holds one of the agent's names: the word
+    before it (an option without its value, or a trailing backslash that glued the next
+    word on) took the agent's option as its value, so QEMU would not get that option."""
+    paired = _pair_indices(tokens, owned_only=False)
+    for i, token in enumerate(tokens):
+        props = {} if i in paired else parse_qemu_opts(token.text)
+        key = next((k for k in _REFERENCE_KEYS if props.get(k, "").startswith(ARGS_PREFIX)), None)
+        if key is not None:
+            before = line[tokens[max(i - 2, 0)].start:tokens[i - 1].end] if i else ""
+            raise ConfigConflict(
+                f"the args line has `{line[token.start:token.end][:60]}` (with {key}={props[key]}, a name of the "
+                f"agent's) where an option should be: a word of `{before[:60]}` before it (an option without its "
+                "value, or a trailing backslash) took the agent's option as its own",
+                "complete or remove that word in the VM's args (qm set VMID --args '...'), then run "
+                "`pve-vhost-agent apply VMID`")
 
 
 def agent_args(line: str) -> tuple[str, ...]:
@@ -237,6 +260,7 @@ def merge_agent_args(line: str, new_agent_args: Sequence[str]) -> str:
     """
     new = check_agent_args(new_agent_args)
     tokens = split_args(line)
+    _check_no_swallowed_option(line, tokens)
     owned = _owned_indices(tokens)
     kept = [i for i in range(len(tokens)) if i not in owned]
     pieces = []
@@ -272,19 +296,30 @@ def pci_slot(props: dict[str, str], root_bus: str) -> tuple[str, int] | None:
 def check_user_args(line: str, planned: Sequence[str], vmid: int, root_bus: str = "pci.0") -> None:
     """Refuse user args that clash with the planned agent args (ConfigConflict naming both)."""
     tokens = split_args(line)
+    _check_no_swallowed_option(line, tokens)
     plan_pairs = option_pairs(split_args(" ".join(planned)))
     slots = {}
     for pair in plan_pairs:
         if pair.kind == "device":
             slots[pci_slot(pair.props, root_bus)] = pair.props["id"]
+    hubs = {pair.props.get("hubid"): pair.props["id"] for pair in plan_pairs
+            if pair.kind == "netdev" and pair.props.get("type") == "hubport"}
     adds_memory = any(pair.kind == "object" for pair in plan_pairs)
     for pair in option_pairs(tokens):
         if is_agent_owned(pair):
             continue
-        problem = _clash(pair, slots, adds_memory, root_bus, vmid)
+        problem = _clash(pair, slots, adds_memory, root_bus, vmid) or _hub_clash(pair, hubs, vmid)
         if problem:
             reason, fix = problem
             raise ConfigConflict(f"VM {vmid} args have `{pair.written(line)}`, which {reason}", fix)
+
+
+def _hub_clash(pair: OptionPair, hubs: dict, vmid: int) -> tuple[str, str] | None:
+    """A hub port of the user's on the QEMU hub of a link end would join that link."""
+    if pair.kind in ("netdev", "nic") and pair.props.get("hubid") in hubs:
+        return (f"joins QEMU hub {pair.props['hubid']}, the hub of the agent's link end {hubs[pair.props['hubid']]}",
+                f"give it another hubid in the VM's args (qm set {vmid} --args '...')")
+    return None
 
 
 def _clash(pair: OptionPair, slots: dict, adds_memory: bool, root_bus: str, vmid: int) -> tuple[str, str] | None:

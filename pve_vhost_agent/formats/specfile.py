@@ -11,10 +11,18 @@ Pure: text in, ClusterSpec out, and back. One section per NIC:
     \tqinq 200
     \tcvlans 10,20-30
 
+    link: 100-net2
+    \tpeer 101:net3
+    \tport 20000
+    \tpeer-port 20001
+    \tmac 02:9A:3C:11:20:09
+    \tmtu 1458
+
     vm: 100
     \tchain-hookscript local:snippets/backup-hook.pl
 
-The id names the VM and the NIC, so no key repeats them. A `vm` section records the
+The id names the VM and the NIC, so no key repeats them. A `link` section is one end of a
+VM-to-VM link; its peer's file holds the other end (both are written together). A `vm` section records the
 hookscript a VM had before `pve-vhost-agent enable` (the agent's hookscript chains it). Defaults are left out when
 writing (bridge and mac are always written), and the output is sorted by VM and NIC,
 so the same spec always gives the same bytes.
@@ -29,13 +37,15 @@ from pve_vhost_agent.errors import SpecError
 
 VHOST = "vhostuser"
 QINQ = "qinq"
+LINK = "link"
 VM = "vm"
 _HEADER = re.compile(r"^(\S+):\s*(\S+)\s*$")
 _PROPERTY = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
-_VM_ID = re.compile(r"^[0-9]+$")
+_VM_ID = re.compile(r"^[0-9]{1,10}$")
 # The shape of a NIC section id; names.SECTION decides which ids are valid (say net0-31).
-_SECTION_SHAPE = re.compile(r"^([0-9]+)-(net[0-9]+)$")
-_FIELDS = {VHOST: fields.vhost_fields(), QINQ: fields.QINQ_FIELDS}
+# Digits are bounded: a 5,000-digit id is refused as a bad id, not handed to int().
+_SECTION_SHAPE = re.compile(r"^([0-9]{1,10})-(net[0-9]{1,10})$")
+_FIELDS = {VHOST: fields.vhost_fields(), QINQ: fields.QINQ_FIELDS, LINK: fields.LINK_FIELDS}
 KEYS = {**{kind: tuple(f.key for f in found) for kind, found in _FIELDS.items()}, VM: ("chain-hookscript",)}
 
 
@@ -72,6 +82,7 @@ def parse_spec(text: str, source: str = "spec file") -> spec.ClusterSpec:
             tuple(e for e in entries if isinstance(e, spec.VhostNic)),
             tuple(e for e in entries if isinstance(e, spec.TapQinQ)),
             tuple(hooks),
+            tuple(e for e in entries if isinstance(e, spec.LinkEnd)),
         )
     except SpecError as err:
         raise SpecError(f"{source}: {err.problem}", err.fix) from err
@@ -86,7 +97,7 @@ def _check_unique(sections: list[_Section], entries: list, source: str) -> None:
         if first != section.lineno:
             raise SpecError(f"{source} line {section.lineno}: {section.ident} is declared again (first on line {first})",
                             "remove one of the two sections")
-        if isinstance(entry, spec.VhostNic):
+        if isinstance(entry, (spec.VhostNic, spec.LinkEnd)):
             other = macs.setdefault(entry.mac, section)
             if other is not section:
                 raise SpecError(f"{source} line {section.lineno}: MAC {entry.mac} of {section.ident} is already used by "
@@ -97,7 +108,7 @@ def _start_section(line: str, lineno: int, where: str) -> _Section:
     match = _HEADER.match(line)
     if not match:
         raise SpecError(f"{where}: {line.strip()!r} is not a section header",
-                        "start a section with `vhostuser: <vmid>-net<N>` or `qinq: <vmid>-net<N>`")
+                        "start a section with `vhostuser: <vmid>-net<N>`, `qinq: <vmid>-net<N>` or `link: <vmid>-net<N>`")
     kind, ident = match.groups()
     if kind not in KEYS:
         raise SpecError(f"{where}: unknown section type {kind!r}", f"use one of: {', '.join(KEYS)}")
@@ -135,7 +146,7 @@ def _add_property(current: _Section | None, line: str, lineno: int, where: str) 
     return current
 
 
-def _entry(section: _Section, source: str) -> spec.VhostNic | spec.TapQinQ:
+def _entry(section: _Section, source: str) -> spec.VhostNic | spec.TapQinQ | spec.LinkEnd:
     """Build one entry; a bad value names its own line, a bad combination the header's."""
     def at(key: str, err: SpecError) -> SpecError:
         return SpecError(f"{source} line {section.props[key][0]}: {err.problem}", err.fix)
@@ -158,6 +169,11 @@ def _entry(section: _Section, source: str) -> spec.VhostNic | spec.TapQinQ:
     try:
         vmid_text, nic = _SECTION_SHAPE.match(section.ident).groups()
         vmid, index = spec.check_vmid(int(vmid_text)), spec.parse_nic_name(nic)
+        if section.kind == LINK:
+            for required in (f.key for f in fields.LINK_FIELDS):
+                if required not in section.props:
+                    raise SpecError(f"the section has no `{required}` line", f"add a line `<tab>{required} <value>`")
+            return spec.LinkEnd(vmid=vmid, index=index, **values)
         if section.kind == QINQ:
             if qinq is None:
                 raise SpecError("the section has no `qinq <S-tag>` line", "add a line `<tab>qinq <1-4094>`")
@@ -175,10 +191,12 @@ def _entry(section: _Section, source: str) -> spec.VhostNic | spec.TapQinQ:
 # --- writing ------------------------------------------------------------------------
 
 
-def format_entry(entry: spec.VhostNic | spec.TapQinQ) -> str:
+def format_entry(entry: spec.VhostNic | spec.TapQinQ | spec.LinkEnd) -> str:
     """One section, with its blank line at the end."""
     if isinstance(entry, spec.TapQinQ):
         kind, props = QINQ, fields.vlan_written(spec.VlanPolicy(qinq=entry.qinq))
+    elif isinstance(entry, spec.LinkEnd):
+        kind, props = LINK, fields.link_written(entry)
     else:
         kind, props = VHOST, fields.written(entry)
     body = "".join(f"\t{key} {value}\n" for key, value in props)
@@ -186,6 +204,6 @@ def format_entry(entry: spec.VhostNic | spec.TapQinQ) -> str:
 
 
 def format_spec(cluster: spec.ClusterSpec) -> str:
-    entries = sorted((*cluster.nics, *cluster.tap_qinq), key=lambda e: e.key)
+    entries = sorted((*cluster.nics, *cluster.tap_qinq, *cluster.links), key=lambda e: e.key)
     hooks = "".join(f"{VM}: {h.vmid}\n\tchain-hookscript {h.hookscript}\n\n" for h in cluster.hooks)
     return "".join(format_entry(e) for e in entries) + hooks

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from pve_vhost_agent.errors import ConfigConflict
+
 MAIN = "main"
 PENDING = "pending"
 
@@ -22,6 +24,27 @@ _SNAPSHOT_HEADER = re.compile(r"^\[([a-z][a-z0-9_\-]+)\]\s*$", re.ASCII | re.IGN
 _COMMENT = re.compile(r"^#(.*)$", re.ASCII)
 _KEY_LINE = re.compile(r"^([a-z][a-z_\-]*\d*):\s*(.+?)\s*$", re.ASCII)
 _KEY = re.compile(r"^[a-z][a-z_\-]*\d*$", re.ASCII)
+
+
+def encode_text(text: str) -> str:
+    """Text as qemu-server writes a description line (pve-common `encode_text`): control
+    and non-ASCII bytes, `%` and `:` URI-escaped."""
+    return "".join(chr(b) if 0x20 <= b <= 0x7E and b not in (0x25, 0x3A) else f"%{b:02X}"
+                   for b in text.encode("utf-8"))
+
+
+def tag_list(value: str) -> list[str]:
+    """The tags of a `tags:` value (Proxmox splits on `;`, `,` and white space)."""
+    return [tag for tag in re.split(r"[;,\s]+", value) if tag]
+
+
+def with_tag(value: str, tag: str, present: bool) -> str:
+    """A `tags:` value with `tag` added at the end (`;`, as Proxmox writes) or removed;
+    the user's other tags and separators unchanged ("" when none is left)."""
+    if present:
+        return value if tag in tag_list(value) else (f"{value};{tag}" if value.strip() else tag)
+    kept = re.sub(rf"(^|[;,\s]+){re.escape(tag)}(?=$|[;,\s])", "", value)
+    return re.sub(r"^[;,\s]+", "", kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +91,21 @@ def _classify(lines: list[str]) -> tuple[_Line, ...]:
         else:
             out.append(_Line(text, section, part, "other"))
     return tuple(out)
+
+
+def _check_value(key: str, value: str) -> None:
+    """A value the agent writes must read back exactly as written, on one line: no control
+    character (a tab is fine), no blanks at its ends (ConfigConflict: the VM's own text)."""
+    bad = next((i for i, char in enumerate(value) if (char < " " and char != "\t") or char == "\x7f"), None)
+    if bad is not None:
+        raise ConfigConflict(
+            f"the VM's {key} has a control character (U+{ord(value[bad]):04X}) at character {bad + 1}, "
+            "which the agent does not write into a VM config",
+            f"remove it from the VM's {key} (qm set VMID --{key} '...'), then run the command again")
+    match = _KEY_LINE.match(f"{key}: {value}")
+    if match is None or match.group(2) != value:
+        raise ConfigConflict(f"the VM's {key} {value[:40]!r} would not read back as written (empty, or blanks at its ends)",
+                             f"fix the VM's {key} (qm set VMID --{key} '...')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +168,8 @@ class VmConfig:
             raise ValueError(f"the agent writes only the main and pending sections, not {section!r}")
         if not _KEY.match(key) or key in ("delete", "description"):
             raise ValueError(f"{key!r} is not a key the agent may write")
-        if value is not None and (not value or value != value.strip() or "\n" in value or "\r" in value):
-            raise ValueError(f"value for {key!r} must be one non-empty line without outer spaces")
+        if value is not None:
+            _check_value(key, value)
         part = self._part(section)
         lines = [line.text for line in self.lines]
         at = [i for i, line in enumerate(self.lines) if line.part == part and line.kind == "key" and line.key == key]
@@ -152,6 +190,35 @@ class VmConfig:
             return self._relined(lines[:end] + ["", "[PENDING]", new_line] + lines[end:])
         where = self._insert_at(part, key)
         return self._relined(lines[:where] + [new_line] + lines[where:])
+
+    def description_lines(self) -> tuple[str, ...]:
+        """The main section's `#` lines, as written (URI-escaped, without the `#`)."""
+        return tuple(line.text[1:] for line in self.lines if line.part == 0 and line.kind == "comment")
+
+    def with_description_line(self, prefix: str, text: str | None) -> "VmConfig":
+        """A copy where the one description line starting with `#<prefix>` is `#<text>`
+        (`text` starts with `prefix`), or gone if None; every other line as it was.
+
+        A new line goes after the last line of the description (at the top of the file
+        when it has none), where Proxmox keeps it when it rewrites the config.
+        """
+        if text is not None and (not text.startswith(prefix) or "\n" in text or "\r" in text):
+            raise ValueError(f"a description line must start with {prefix!r} and be one line")
+        lines = [line.text for line in self.lines]
+        at = [i for i, line in enumerate(self.lines)
+              if line.part == 0 and line.kind == "comment" and line.text[1:].startswith(prefix)]
+        if text is None:
+            for i in reversed(at):
+                del lines[i]
+            return self._relined(lines)
+        if at:
+            lines[at[-1]] = f"#{text}"
+            for i in reversed(at[:-1]):
+                del lines[i]
+            return self._relined(lines)
+        comments = [i for i, line in enumerate(self.lines) if line.part == 0 and line.kind == "comment"]
+        where = comments[-1] + 1 if comments else 0
+        return self._relined(lines[:where] + [f"#{text}"] + lines[where:])
 
     def with_pending_delete(self, key: str, deleted: bool) -> "VmConfig":
         """A copy where `[PENDING]`'s `delete:` list has `key` (deleted) or not.

@@ -6,6 +6,9 @@ the spec file) and its help. The spec file reader and writer, the `nic add|set` 
 and the change record (`NicChange`) are all derived from this table, so a new NIC field
 is one entry here (and what it means in the planners).
 
+A link end (`link` section) has its own table, LINK_FIELDS: the spec file reader and
+writer use it; `link add` chooses every value itself (ports, MACs) except the MTU and MACs.
+
 The VLAN mode is five keys that make one value (`tag`, `trunks`, or `qinq` with its
 `cvlans` and `ethertype`): they are listed in VLAN_FIELDS and read together by
 `vlan_policy`.
@@ -17,7 +20,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from pve_vhost_agent.errors import SpecError
-from pve_vhost_agent.model import spec
+from pve_vhost_agent.model import names, spec
 
 MAX_DIGITS = 10  # no field needs more; a 5,000-digit number is refused before int() sees it
 
@@ -41,8 +44,11 @@ class NicField:
     metavar: str = "TEXT"
     choices: tuple[str, ...] = ()
     always: bool = False  # written even when it equals the default (bridge, mac)
+    text: Callable[[Any], str] | None = None  # how a value is written, when str() is not it
 
     def write(self, value: Any) -> str:
+        if self.text is not None:
+            return self.text(value)
         return value.value if hasattr(value, "value") else str(value)
 
 
@@ -90,6 +96,31 @@ VLAN_FIELDS: tuple[NicField, ...] = (
              "With --qinq: outer tag type (default 802.1ad).", choices=tuple(e.value for e in spec.EtherType)),
 )
 QINQ_FIELDS = VLAN_FIELDS[2:]  # what a tap NIC's QinQ entry has
+
+
+def _link_end(text: str) -> tuple[int, int]:
+    end = names.parse_end_name(text)
+    if end is None:
+        raise SpecError(f"link end {text[:40]!r} is not <vmid>:net<N>", "write it like 101:net3")
+    return end
+
+
+# A link end's keys, all written always: every value is chosen once and must never change.
+LINK_FIELDS: tuple[NicField, ...] = (
+    NicField("peer", "peer", _link_end, None, "The other end of the link, <vmid>:net<N>.", "END",
+             always=True, text=lambda end: names.end_name(*end)),
+    NicField("port", "port", lambda text: number(text, "port"), None, "This end's UDP port.", "PORT", always=True),
+    NicField("peer_port", "peer-port", lambda text: number(text, "peer-port"), None, "The other end's UDP port.",
+             "PORT", always=True),
+    NicField("mac", "mac", spec.check_mac, None, "MAC address of this end's NIC.", "MAC", always=True),
+    NicField("mtu", "mtu", lambda text: number(text, "mtu"), None, "Guest MTU (host_mtu) of both ends.", "MTU",
+             always=True),
+)
+
+
+def link_written(end: spec.LinkEnd) -> list[tuple[str, str]]:
+    """(key, text) of a link end as the spec file holds it."""
+    return [(field.key, field.write(getattr(end, field.name))) for field in LINK_FIELDS]
 
 
 def vhost_fields() -> tuple[NicField, ...]:

@@ -1,9 +1,12 @@
-"""What the agent observes of the host itself: memory capacity and network links."""
+"""What the agent observes of the host itself: memory capacity, network links, /etc/pve."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+
+# The cluster file system /etc/pve as observed (adapters.pvefs.cluster_fs).
+CLUSTER_FS_OK, CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_READ_ONLY = "ok", "not mounted", "read-only"
 
 
 @dataclasses.dataclass(frozen=True)

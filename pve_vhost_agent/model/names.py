@@ -8,9 +8,11 @@ parsing cannot drift apart.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 MAX_NICS = 32  # Proxmox's net0 .. net31
+MAX_DIGITS = 10  # a VM id has at most 9 digits, a NIC index 2
 
 
 class VmNicName:
@@ -20,7 +22,8 @@ class VmNicName:
         self.template = template
         pattern = re.escape(template)
         for field in ("vmid", "index"):
-            pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>[0-9]+)")
+            # Bounded: a name of 5,000 digits is not one of these (and int() would refuse it).
+            pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>[0-9]{{1,{MAX_DIGITS}}})")
         self._pattern = re.compile(pattern)
 
     def __call__(self, vmid: int | None = None, index: int = 0) -> str:
@@ -48,9 +51,26 @@ ARGS_NIC_ID = VmNicName("vhu-net{index}")  # id of the chardev, netdev and devic
 
 ARGS_PREFIX = "vhu-"  # every id or reference in args starting with this is the agent's
 ARGS_MEMORY_ID = "vhu-mem"  # the shared guest memory backend
+LINK_HUB_BASE = 1000  # a link end netN's device sits on QEMU hub 1000+N (hub ids 1000-1031)
 
 # Guest-side devices Proxmox makes (VM taps, container veths, firewall links): never uplinks.
 _GUEST_DEVICE = re.compile(r"(tap|veth|fwln|fwpr)[0-9]+[iop][0-9]+")
+_FIREWALL_BRIDGE = re.compile(r"fwbr[0-9]+i[0-9]+")  # pve-common's bridge between a tap and its firewall
+
+MAX_IFNAME = 15  # the kernel's limit for a network device name (IFNAMSIZ 16, with the NUL)
+
+# Linux-bridge QinQ: the devices the agent makes for one S-VLAN of one of Proxmox's Linux
+# bridges are named after that bridge, as Proxmox names its own VLAN bridge `vmbr0v950`:
+# `<bridge><a|q><S-tag>` is the S-VLAN bridge (a for an 802.1ad S-tag, q for 802.1q), and
+# a role letter after it names its other devices.
+SVLAN_ROLES = {
+    "": "S-VLAN bridge",
+    "u": "S-VLAN device",  # pushes and pops the S-tag (on the uplink, or on the veth peer)
+    "t": "veth end in the bridge",  # carries the S-VLAN in the bridge's own VLAN (same TPID)
+    "p": "veth peer",  # the S-VLAN device's lower device on that path
+}
+_TPID_LETTER = {"802.1ad": "a", "802.1q": "q"}
+_SVLAN_NAME = re.compile(r"(?P<bridge>.+)(?P<tpid>[aq])(?P<stag>[1-9][0-9]{0,3})(?P<role>[utp]?)")
 
 HOOK_NAME = "pve-vhost-agent"  # the hookscript's file name in a storage's snippets/
 
@@ -98,6 +118,36 @@ def is_guest_device(name: str) -> bool:
     return bool(_GUEST_DEVICE.fullmatch(name))
 
 
+def is_firewall_bridge(name: str) -> bool:
+    """`fwbr<vmid>i<N>`: Proxmox put the NIC's firewall between its tap and the bridge."""
+    return bool(_FIREWALL_BRIDGE.fullmatch(name))
+
+
+def svlan_device(bridge: str, ethertype: str, stag: int, role: str = "") -> str:
+    """The agent's device of `role` (see SVLAN_ROLES) for S-VLAN `stag` with TPID
+    `ethertype` ("802.1ad" or "802.1q") on Proxmox's Linux bridge `bridge`; it may be
+    longer than MAX_IFNAME (the caller refuses such a bridge name)."""
+    if role not in SVLAN_ROLES:
+        raise ValueError(f"unknown S-VLAN device role {role!r}")
+    return f"{bridge}{_TPID_LETTER[ethertype]}{stag}{role}"
+
+
+def parse_svlan_device(name: str) -> tuple[str, str, int, str] | None:
+    """(bridge, ethertype, S-tag, role) of a name `svlan_device` makes; None otherwise."""
+    match = _SVLAN_NAME.fullmatch(name)
+    if not match:
+        return None
+    ethertype = next(e for e, letter in _TPID_LETTER.items() if letter == match["tpid"])
+    parsed = (match["bridge"], ethertype, int(match["stag"]), match["role"])
+    return parsed if svlan_device(*parsed) == name else None
+
+
+def pve_vlan_bridge(bridge: str, tag: int) -> str:
+    """The bridge pve-common makes for VLAN `tag` of a traditional (not VLAN-aware) bridge
+    (activate_bridge_vlan), with `<uplink>.<tag>` as its port: a tap with tag=<tag> sits there."""
+    return f"{bridge}v{tag}"
+
+
 def hook_volume(storage: str) -> str:
     """The agent's hookscript as a VM config names it (`<storage>:snippets/<file>`)."""
     return f"{storage}:snippets/{HOOK_NAME}"
@@ -111,3 +161,62 @@ def is_agent_hook(value: str | None) -> bool:
 def vm_port_names(vmid: int) -> tuple[str, ...]:
     """Every OVS port name that can be the VM's: its vhost-user ports and Proxmox's taps."""
     return tuple(VHOST_PORT(vmid, i) for i in range(MAX_NICS)) + tuple(TAP(vmid, i) for i in range(MAX_NICS))
+
+
+# --- VM-to-VM links ------------------------------------------------------------------
+
+_END = re.compile(r"([0-9]{1,9}):net([0-9]{1,2})")
+
+
+def end_name(vmid: int, index: int) -> str:
+    """A link end as the operator writes it: `100:net2`."""
+    return f"{vmid}:{nic_name(index)}"
+
+
+def parse_end_name(text: str) -> tuple[int, int] | None:
+    """`100:net2` -> (100, 2); None for anything `end_name` does not make."""
+    match = _END.fullmatch(text.strip())
+    if not match:
+        return None
+    vmid, index = int(match[1]), int(match[2])
+    return (vmid, index) if index < MAX_NICS and end_name(vmid, index) == text.strip() else None
+
+
+def link_hub(index: int) -> int:
+    """The QEMU hub id of link end netN (the device's netdev is a port of it)."""
+    return LINK_HUB_BASE + index
+
+
+# A link end's live UDP socket is a pair of netdevs QEMU gets at run time (never in args):
+# `vhu-udp<N>-<local>-<remote>` (the socket) on hub port `vhu-hup<N>-<local>-<remote>`,
+# each address written as <hex of the IP>-<port>, so QEMU's own list of netdevs says
+# where each end points.
+_LINK_NETDEV = re.compile(r"vhu-(udp|hup)([0-9]{1,2})-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})"
+                          r"-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})")
+Address = tuple[str, int]  # (IP address as text, UDP port)
+
+
+def _hexip(ip: str) -> str:
+    return ipaddress.ip_address(ip).packed.hex()
+
+
+def _iphex(text: str) -> str:
+    return str(ipaddress.ip_address(bytes.fromhex(text)))
+
+
+def link_netdevs(index: int, local: Address, remote: Address) -> tuple[str, str]:
+    """(socket netdev id, hub port id) of link end netN bound to `local`, sending to `remote`."""
+    tag = f"{_hexip(local[0])}-{local[1]}-{_hexip(remote[0])}-{remote[1]}"
+    return f"vhu-udp{index}-{tag}", f"vhu-hup{index}-{tag}"
+
+
+def parse_link_netdev(name: str) -> tuple[str, int, Address, Address] | None:
+    """('udp' or 'hup', N, local, remote) for an id `link_netdevs` makes; None otherwise."""
+    match = _LINK_NETDEV.fullmatch(name)
+    if not match:
+        return None
+    kind, index = match[1], int(match[2])
+    local, remote = (_iphex(match[3]), int(match[4])), (_iphex(match[5]), int(match[6]))
+    if index >= MAX_NICS or link_netdevs(index, local, remote)[0 if kind == "udp" else 1] != name:
+        return None
+    return kind, index, local, remote

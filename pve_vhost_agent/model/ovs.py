@@ -229,6 +229,8 @@ class OvsState:
     datapath_owners: FrozenMap = FrozenMap()
     next_cfg: int = 0
     cur_cfg: int = 0
+    dpdk_initialized: bool | None = None  # None: the server's schema has no such column
+    dpdk_version: str = ""  # "DPDK 22.11.11" from a DPDK build of ovs-vswitchd, "none" from another
 
     # Lookups by name: a pass over hundreds of VMs must not scan every port for each.
     @functools.cached_property

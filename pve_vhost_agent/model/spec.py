@@ -195,6 +195,69 @@ class TapQinQ(NicEntry):
         return f"QinQ on {self.port_name}, {VlanPolicy(qinq=self.qinq).describe()}"
 
 
+# VM-to-VM links: each end's UDP port comes from this range (outside Linux's ephemeral
+# ports 32768-60999, Proxmox's VNC 5900-5999, corosync 5405-5412 and migration 60000-60050).
+LINK_PORT_MIN, LINK_PORT_MAX = 20000, 29999
+# A guest frame inside the tunnel costs the underlay an IP and a UDP header and the
+# frame's own Ethernet header (no FCS): 20 + 8 + 14 for IPv4, 40 + 8 + 14 for IPv6.
+LINK_OVERHEAD = {4: 42, 6: 62}
+LINK_MTU_DEFAULT = {4: 1500 - 42, 6: 1500 - 62}  # what a 1500-byte underlay carries unfragmented
+LINK_MTU_MAX = 65535 - 20 - 8 - 14  # the largest frame one UDP datagram holds
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkEnd(NicEntry):
+    """One end of a VM-to-VM link: NIC netN of this VM joined point to point (a wire, not a
+    bridge) to NIC `peer` of a VM, by a UDP tunnel from `port` to the peer's `peer_port`."""
+
+    mac: str
+    port: int
+    peer: tuple[int, int]  # (vmid, index) of the other end
+    peer_port: int
+    mtu: int = LINK_MTU_DEFAULT[4]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "mac", check_mac(self.mac))
+        check_vmid(self.peer[0])
+        check_nic_index(self.peer[1])
+        for port in (self.port, self.peer_port):
+            if not isinstance(port, int) or not LINK_PORT_MIN <= port <= LINK_PORT_MAX:
+                raise SpecError(f"link port {port!r} of VM {self.vmid} {self.name} is outside "
+                                f"{LINK_PORT_MIN}-{LINK_PORT_MAX}", "remove the link and add it again to get new ports")
+        if self.peer == self.key:
+            raise SpecError(f"VM {self.vmid} {self.name} cannot be linked to itself", "name two different NICs")
+        if self.port == self.peer_port:
+            raise SpecError(f"both ends of the link of VM {self.vmid} {self.name} have port {self.port}",
+                            "remove the link and add it again to get new ports")
+        if not isinstance(self.mtu, int) or not MTU_MIN <= self.mtu <= LINK_MTU_MAX:
+            raise SpecError(f"link MTU {self.mtu!r} is outside {MTU_MIN}-{LINK_MTU_MAX}",
+                            f"give --mtu between {MTU_MIN} and {LINK_MTU_MAX}")
+
+    @property
+    def end(self) -> str:
+        """`100:net2`, as the link commands name an end."""
+        return names.end_name(self.vmid, self.index)
+
+    @property
+    def peer_end(self) -> str:
+        return names.end_name(*self.peer)
+
+    @property
+    def link_key(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The link's identity: its two ends, in order (the same from either end)."""
+        return (min(self.key, self.peer), max(self.key, self.peer))
+
+    def describe(self) -> str:
+        return (f"link to VM {self.peer[0]} {names.nic_name(self.peer[1])}, UDP port {self.port} "
+                f"(peer {self.peer_port}), MAC {self.mac}, MTU {self.mtu}")
+
+    def mirrors(self, other: "LinkEnd") -> bool:
+        """Is `other` this end's peer, as that VM's file must declare it?"""
+        return (other.key == self.peer and other.peer == self.key and other.port == self.peer_port
+                and other.peer_port == self.port and other.mtu == self.mtu)
+
+
 _VOLUME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*:snippets/[A-Za-z0-9._+-]+")
 
 
@@ -223,10 +286,11 @@ class VmSpec:
     nics: tuple[VhostNic, ...] = ()
     tap_qinq: tuple[TapQinQ, ...] = ()
     chained_hook: ChainedHook | None = None
+    links: tuple[LinkEnd, ...] = ()
 
     def __bool__(self) -> bool:
         """True when the agent has work for this VM (a chained hook alone is not work)."""
-        return bool(self.nics or self.tap_qinq)
+        return bool(self.nics or self.tap_qinq or self.links)
 
     @property
     def ovs_nics(self) -> tuple[VhostNic, ...]:
@@ -241,46 +305,56 @@ class ClusterSpec:
     nics: tuple[VhostNic, ...] = ()
     tap_qinq: tuple[TapQinQ, ...] = ()
     hooks: tuple[ChainedHook, ...] = ()
+    links: tuple[LinkEnd, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nics", tuple(sorted(self.nics, key=lambda n: n.key)))
         object.__setattr__(self, "tap_qinq", tuple(sorted(self.tap_qinq, key=lambda q: q.key)))
         object.__setattr__(self, "hooks", tuple(sorted(self.hooks, key=lambda h: h.vmid)))
+        object.__setattr__(self, "links", tuple(sorted(self.links, key=lambda e: e.key)))
         hook_vms = [h.vmid for h in self.hooks]
         if len(set(hook_vms)) != len(hook_vms):
             raise SpecError("a VM has two chained hookscripts", "keep one `vm:` section per VM")
         seen: dict[tuple[int, int], str] = {}
-        for entry in (*self.nics, *self.tap_qinq):
+        for entry in (*self.nics, *self.tap_qinq, *self.links):
             if entry.key in seen:
                 raise SpecError(
                     f"VM {entry.vmid} {entry.name} is declared twice",
                     "remove one of the entries from the spec file",
                 )
             seen[entry.key] = entry.name
-        macs: dict[str, VhostNic] = {}
-        for nic in self.nics:
+        macs: dict[str, VhostNic | LinkEnd] = {}
+        for nic in (*self.nics, *self.links):
             other = macs.setdefault(nic.mac.lower(), nic)
             if other is not nic:
                 raise SpecError(
                     f"MAC {nic.mac} of VM {nic.vmid} {nic.name} is already used by VM {other.vmid} {other.name}",
                     "give a different --mac, or leave it out to get a unique one",
                 )
+        ports: dict[int, LinkEnd] = {}
+        for end in self.links:
+            other = ports.setdefault(end.port, end)
+            if other is not end:
+                raise SpecError(f"link port {end.port} of VM {end.vmid} {end.name} is also the port of VM "
+                                f"{other.vmid} {other.name}", "remove one of the links and add it again")
 
     @functools.cached_property
     def _by_vm(self) -> dict[int, VmSpec]:
         """Each VM's part, built once: a pass over hundreds of VMs asks for every one."""
-        parts: dict[int, tuple[list, list]] = {}
+        parts: dict[int, tuple[list, list, list]] = {}
         for nic in self.nics:
-            parts.setdefault(nic.vmid, ([], []))[0].append(nic)
+            parts.setdefault(nic.vmid, ([], [], []))[0].append(nic)
         for tap in self.tap_qinq:
-            parts.setdefault(tap.vmid, ([], []))[1].append(tap)
+            parts.setdefault(tap.vmid, ([], [], []))[1].append(tap)
+        for end in self.links:
+            parts.setdefault(end.vmid, ([], [], []))[2].append(end)
         hooks = {h.vmid: h for h in self.hooks}
-        return {vmid: VmSpec(vmid, tuple(nics), tuple(taps), hooks.get(vmid))
-                for vmid, (nics, taps) in parts.items()} | {
+        return {vmid: VmSpec(vmid, tuple(nics), tuple(taps), hooks.get(vmid), tuple(ends))
+                for vmid, (nics, taps, ends) in parts.items()} | {
             vmid: VmSpec(vmid, (), (), hook) for vmid, hook in hooks.items() if vmid not in parts}
 
     def vmids(self) -> list[int]:
-        return sorted({e.vmid for e in (*self.nics, *self.tap_qinq)})
+        return sorted({e.vmid for e in (*self.nics, *self.tap_qinq, *self.links)})
 
     def for_vm(self, vmid: int) -> VmSpec:
         found = self._by_vm.get(vmid)  # not `or`: a VM with only a chained hook is a falsy VmSpec
@@ -293,17 +367,19 @@ class ClusterSpec:
             hooks += (ChainedHook(vmid, hookscript),)
         return dataclasses.replace(self, hooks=hooks)
 
-    def entry(self, vmid: int, index: int) -> VhostNic | TapQinQ | None:
-        for e in (*self.nics, *self.tap_qinq):
+    def entry(self, vmid: int, index: int) -> VhostNic | TapQinQ | LinkEnd | None:
+        for e in (*self.nics, *self.tap_qinq, *self.links):
             if e.key == (vmid, index):
                 return e
         return None
 
-    def with_entry(self, entry: VhostNic | TapQinQ) -> "ClusterSpec":
+    def with_entry(self, entry: VhostNic | TapQinQ | LinkEnd) -> "ClusterSpec":
         """A copy where `entry` replaces whatever the VM's NIC index had before."""
         rest = self.without(entry.vmid, entry.index)
         if isinstance(entry, VhostNic):
             return dataclasses.replace(rest, nics=rest.nics + (entry,))
+        if isinstance(entry, LinkEnd):
+            return dataclasses.replace(rest, links=rest.links + (entry,))
         return dataclasses.replace(rest, tap_qinq=rest.tap_qinq + (entry,))
 
     def without(self, vmid: int, index: int) -> "ClusterSpec":
@@ -311,7 +387,23 @@ class ClusterSpec:
             self,
             nics=tuple(n for n in self.nics if n.key != (vmid, index)),
             tap_qinq=tuple(q for q in self.tap_qinq if q.key != (vmid, index)),
+            links=tuple(e for e in self.links if e.key != (vmid, index)),
         )
+
+    def link_problems(self) -> tuple[str, ...]:
+        """Link ends whose peer does not declare them back (say one VM's file was edited or
+        lost): each is a dark link until fixed. One line each, with the fix."""
+        ends = {end.key: end for end in self.links}
+        problems = []
+        for end in self.links:
+            peer = ends.get(end.peer)
+            if peer is None:
+                problems.append(f"VM {end.vmid} {end.name} is linked to {end.peer_end}, which declares no link "
+                                f"end; remove it: pve-vhost-agent link remove {end.end}")
+            elif not end.mirrors(peer):
+                problems.append(f"the link {end.end} - {end.peer_end} is declared differently by its two ends "
+                                f"(peer, ports or MTU); remove it and add it again: pve-vhost-agent link remove {end.end}")
+        return tuple(problems)
 
 
 # --- validation helpers -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Plan the agent's part of a VM's `args:` line: vhost-user NICs and shared guest memory.
+"""Plan the agent's part of a VM's `args:` line: vhost-user NICs, shared guest memory, link ends.
 
 Pure: the VM's spec, its effective Proxmox config (pending values applied), the installed
 QEMU version and the socket folders in; the QEMU arguments and a note on why each part is
@@ -15,7 +15,7 @@ from typing import Mapping
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.model import names
 from pve_vhost_agent.errors import ConfigConflict, MemoryLayoutError, SpecError
-from pve_vhost_agent.model.spec import Backend, VhostNic, VmSpec
+from pve_vhost_agent.model.spec import Backend, LinkEnd, VhostNic, VmSpec
 from pve_vhost_agent.formats.vmlayout import MemoryLayout, hotplug_items, machine_type, memory_layout, net_devices
 
 # QEMU 9.2 renamed the client socket's `reconnect` (seconds) to `reconnect-ms`.
@@ -48,17 +48,21 @@ def plan_args(
     socket_dirs: Mapping[Backend, Path],
 ) -> ArgsPlan:
     """The args the agent owns for `vm`, or a refusal (ConfigConflict, MemoryLayoutError)."""
-    if not vm.nics:
+    if not vm.nics and not vm.links:
         return ArgsPlan((), ("no vhost-user NICs: the agent adds nothing to args",))
     if config.get("template", "").strip() not in ("", "0"):
         # qemu-server starts a template (for backups only) from a minimal config without
         # args; agent args there would only be copied, stale, into every clone.
         return ArgsPlan((), ("template: Proxmox drops args when it starts a template, so the agent adds none",))
-    nics = tuple(sorted(vm.nics, key=lambda nic: nic.index))
+    nics = tuple(sorted((*vm.nics, *vm.links), key=lambda nic: nic.index))
     _check_nics(vm.vmid, nics, config)
-    args, notes = _plan_memory(vm.vmid, memory_layout(config), config)
+    if vm.nics:
+        args, notes = _plan_memory(vm.vmid, memory_layout(config), config)
+    else:
+        args, notes = (), ("memory: nothing added; link ends need no shared guest memory",)
     for nic in nics:
-        nic_args, nic_notes = _plan_nic(nic, qemu_version, socket_dirs)
+        nic_args, nic_notes = (_plan_link_end(nic) if isinstance(nic, LinkEnd)
+                               else _plan_nic(nic, qemu_version, socket_dirs))
         args += nic_args
         notes += nic_notes
     qemuargs.check_agent_args(args)
@@ -67,10 +71,13 @@ def plan_args(
     return ArgsPlan(args, notes)
 
 
-def _check_nics(vmid: int, nics: tuple[VhostNic, ...], config: Mapping[str, str]) -> None:
+def _check_nics(vmid: int, nics: tuple[VhostNic | LinkEnd, ...], config: Mapping[str, str]) -> None:
     proxmox_nics = net_devices(config)
     seen: set[int] = set()
     for nic in nics:
+        if isinstance(nic, LinkEnd):
+            _check_link_end(vmid, nic, proxmox_nics, seen)
+            continue
         if nic.vmid != vmid:
             raise SpecError(f"NIC {nic.name} of VM {nic.vmid} is in the spec of VM {vmid}", "this is a bug: report it")
         if nic.index in seen:
@@ -88,6 +95,25 @@ def _check_nics(vmid: int, nics: tuple[VhostNic, ...], config: Mapping[str, str]
                     f"MAC {nic.mac} of vhost-user {nic.name} is also the MAC of Proxmox NIC net{other.index} of VM {vmid}",
                     f"give the vhost-user NIC another MAC (pve-vhost-agent nic set {vmid} {nic.name} --mac ...)",
                 )
+
+
+def _check_link_end(vmid: int, end: LinkEnd, proxmox_nics: Mapping, seen: set[int]) -> None:
+    if end.vmid != vmid:
+        raise SpecError(f"link end {end.end} is in the spec of VM {vmid}", "this is a bug: report it")
+    if end.index in seen:
+        raise SpecError(f"VM {vmid} {end.name} is declared twice", "remove one of the entries from the spec file")
+    seen.add(end.index)
+    if end.index in proxmox_nics:
+        raise ConfigConflict(
+            f"{end.name} of VM {vmid} is both a Proxmox NIC in the VM config and the link end {end.end} in the spec",
+            f"remove the link (pve-vhost-agent link remove {end.end}) and add it on a free netN, or remove the "
+            f"Proxmox NIC (qm set {vmid} --delete {end.name})",
+        )
+    for other in proxmox_nics.values():
+        if other.mac and other.mac == end.mac:
+            raise ConfigConflict(f"MAC {end.mac} of link end {end.end} is also the MAC of Proxmox NIC "
+                                 f"net{other.index} of VM {vmid}",
+                                 f"give that Proxmox NIC another MAC (qm set {vmid} --net{other.index} ...)")
 
 
 def _plan_memory(vmid: int, layout: MemoryLayout, config: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -176,6 +202,24 @@ def _plan_nic(nic: VhostNic, qemu_version: tuple[int, int, int],
         notes.append(f"{nic.name}: MTU {nic.mtu} announced to the guest (host_mtu)")
     args = ("-chardev", f"socket,id={ident},path={path},{role}", "-netdev", netdev, "-device", device)
     return args, tuple(notes)
+
+
+def _plan_link_end(end: LinkEnd) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The link end's device in its netN slot, on a QEMU hub of its own: the agent adds the
+    UDP socket to that hub once QEMU runs (plan/links.py), so no address is in the args."""
+    ident = names.args_nic_id(end.index)
+    hub = names.link_hub(end.index)
+    bus, slot = nic_pci_slot(end.index)
+    mac = _safe(end.mac, "MAC")
+    device = (f"virtio-net-pci,id={ident},netdev={ident},mac={mac},bus={bus},addr=0x{slot:x},"
+              f"host_mtu={end.mtu}")
+    notes = (
+        f"{end.name}: link to {end.peer_end}: virtio-net-pci with MAC {mac} at {bus} addr 0x{slot:x}, the slot "
+        f"Proxmox reserves for {end.name}, MTU {end.mtu} announced to the guest (host_mtu)",
+        f"{end.name}: on QEMU hub {hub}; once QEMU runs the agent adds the UDP socket of port {end.port}, "
+        f"connected to port {end.peer_port} of {end.peer_end}",
+    )
+    return ("-netdev", f"type=hubport,id={ident},hubid={hub}", "-device", device), notes
 
 
 def _version(version: tuple[int, int, int]) -> str:

@@ -11,12 +11,14 @@ the next start).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.plan.args import ArgsPlan
 from pve_vhost_agent.formats.vmconfig import MAIN, PENDING, VmConfig
 from pve_vhost_agent.model.names import args_nic_index, nic_name
+from pve_vhost_agent.model.spec import VhostNic
+from pve_vhost_agent.plan.marks import mark_changes, with_marks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +30,19 @@ class ArgsSync:
     section: str  # where a new line goes: "main" or "pending"
     line_after: str | None  # the whole args line to write (None: no args key at all)
     config_after: VmConfig
+    marks: tuple[str, ...] = ()  # what changes of the GUI marks (tag, notes line): plan/marks
 
     @property
-    def in_sync(self) -> bool:
+    def args_in_sync(self) -> bool:
         return self.current == self.plan.args
 
     @property
+    def in_sync(self) -> bool:
+        return self.args_in_sync and not self.marks
+
+    @property
     def changes(self) -> tuple[str, ...]:
-        return describe_changes(self.current, self.plan.args)
+        return describe_changes(self.current, self.plan.args) + self.marks
 
 
 def is_hibernated(main: Mapping[str, str]) -> bool:
@@ -43,9 +50,22 @@ def is_hibernated(main: Mapping[str, str]) -> bool:
     return "vmstate" in main or main.get("lock") == "suspended"
 
 
-def sync_args(config: VmConfig, plan: ArgsPlan, running: bool, user_line: str | None = None) -> ArgsSync:
+def sync_args(config: VmConfig, plan: ArgsPlan, running: bool,
+              marked: Sequence[VhostNic] | None = None, user_line: str | None = None) -> ArgsSync:
     """Compare the args the next start would use with `plan`; compute the config to write.
-    `user_line` replaces the user's part of the line (`adopt` takes its words out)."""
+
+    `marked`: the vhost-user NICs the GUI marks must name (plan/marks; none: no marks);
+    None leaves the marks as they are (a VM the agent does not keep).
+    `user_line` replaces the user's part of the line (`adopt` takes its words out).
+    """
+    sync = _sync_args(config, plan, running, user_line)
+    if marked is None:
+        return sync
+    after = with_marks(sync.config_after, marked)
+    return dataclasses.replace(sync, config_after=after, marks=mark_changes(sync.config_after, after))
+
+
+def _sync_args(config: VmConfig, plan: ArgsPlan, running: bool, user_line: str | None) -> ArgsSync:
     effective = config.effective().get("args", "")
     current = qemuargs.agent_args(effective)
     if user_line is not None:

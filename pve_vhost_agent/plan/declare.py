@@ -65,6 +65,9 @@ def set_tap_qinq(cluster: spec.ClusterSpec, vmid: int, index: int, qinq: spec.Qi
     """QinQ for Proxmox's own tap NIC `netN`: it must exist (at the next start) on a bridge,
     carry tag=<S-tag> and no trunks, with the firewall off (see tapcheck)."""
     entry = cluster.entry(vmid, index)
+    if isinstance(entry, spec.LinkEnd):
+        raise ConfigConflict(f"VM {vmid} net{index} is the end of a link to {entry.peer_end}",
+                             f"QinQ is for Proxmox's own NICs; remove the link first (pve-vhost-agent link remove {entry.end})")
     if isinstance(entry, spec.VhostNic):
         raise ConfigConflict(f"VM {vmid} net{index} is declared as a vhost-user NIC",
                              f"set QinQ on it with `pve-vhost-agent nic set {vmid} net{index} --qinq <S-tag>`")
@@ -97,6 +100,9 @@ def _must_be_undeclared(cluster: spec.ClusterSpec, vmid: int, index: int) -> Non
     if isinstance(entry, spec.TapQinQ):
         raise ConfigConflict(f"VM {vmid} net{index} already has QinQ declared for Proxmox's tap NIC",
                              f"remove it with `pve-vhost-agent qinq remove {vmid} net{index}`, or pick another netN")
+    if isinstance(entry, spec.LinkEnd):
+        raise ConfigConflict(f"VM {vmid} net{index} is the end of a link to {entry.peer_end}",
+                             f"remove it with `pve-vhost-agent link remove {entry.end}`, or pick another netN")
 
 
 def _vhost_entry(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.VhostNic:
@@ -104,6 +110,9 @@ def _vhost_entry(cluster: spec.ClusterSpec, vmid: int, index: int) -> spec.Vhost
     if isinstance(entry, spec.TapQinQ):
         raise ConfigConflict(f"VM {vmid} net{index} is Proxmox's tap NIC with QinQ, not a vhost-user NIC",
                              f"change it with `pve-vhost-agent qinq set {vmid} net{index} ...`")
+    if isinstance(entry, spec.LinkEnd):
+        raise ConfigConflict(f"VM {vmid} net{index} is the end of a link to {entry.peer_end}, not a vhost-user NIC",
+                             f"links are changed with `pve-vhost-agent link remove {entry.end}` and `link add`")
     if entry is None:
         raise NotFound(f"VM {vmid} has no vhost-user NIC net{index} declared",
                        f"declare it with `pve-vhost-agent nic add {vmid} net{index} --bridge <bridge>`")
@@ -115,9 +124,9 @@ def _free_mac(cluster: spec.ClusterSpec, vmid: int, wanted: str | None,
     """`wanted` if no NIC of the cluster spec or of the VM has it; else a new unused one."""
     vm_macs = {device.mac: n for n, (_line, device) in nets.items() if device.mac}
     if wanted is None:
-        return spec.unused_mac(candidates, [n.mac for n in cluster.nics] + list(vm_macs))
+        return spec.unused_mac(candidates, [n.mac for n in (*cluster.nics, *cluster.links)] + list(vm_macs))
     mac = spec.check_mac(wanted)
-    for other in cluster.nics:
+    for other in (*cluster.nics, *cluster.links):
         if other.mac == mac:
             raise SpecError(f"MAC {mac} is already used by VM {other.vmid} {other.name} in the spec",
                             "give another --mac, or leave it out to get a unique one")

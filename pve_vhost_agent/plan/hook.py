@@ -6,12 +6,15 @@ either refuses (raises the AgentError the start is aborted with) or returns what
 
 - the args line must already be right: Proxmox loaded the config before this hook and
   will not read it again (a migration or a resume uses the main section);
-- QinQ on Proxmox's tap NICs must be able to hold after pve-bridge plugs them;
+- QinQ on Proxmox's tap NICs must be able to hold after pve-bridge plugs them (on
+  Open vSwitch: plan/tapqinq; on Linux bridges: plan/lbqinq);
 - the socket folders must be the agent's to use, and an `external` switch must listen:
   QEMU would wait for it forever;
 - the OVS ports of the NICs it serves (ovs-vswitchd must open them before QEMU starts,
   which the flow waits for: `StartPlan.ports`);
-- room for the shared memory is only warned about (Proxmox starts a VM whatever is free).
+- room for the shared memory is only warned about (Proxmox starts a VM whatever is free);
+- link ends need nothing from their peer (either end starts first): the start says where
+  each will point, and warns when the underlay cannot carry a whole guest frame.
 
 `post_start_actions` puts QinQ on the taps pve-bridge plugged; `post_start_report` says
 how the ports and the taps' uplinks look. Post-stop is `plan.ovs.plan_vm_removal` and the
@@ -30,11 +33,15 @@ from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.formats.vmlayout import memory_layout
 from pve_vhost_agent.model.actions import Action, AddVhostPort, DelPort, MakeSocketDir, ReplaceVhostPort
 from pve_vhost_agent.model.host import Folder, HostMemory, Link
+from pve_vhost_agent.model.links import LinkFacts
+from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.notes import Note
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, VmSpec
 from pve_vhost_agent.plan.args import plan_args
+from pve_vhost_agent.plan import lbqinq
 from pve_vhost_agent.plan.capacity import capacity_warnings, shared_memory_need
+from pve_vhost_agent.plan.links import start_notes
 from pve_vhost_agent.plan.ovs import plan_tap_qinq, plan_vhost_ports
 from pve_vhost_agent.plan.start import served_spec, stale_args, start_config
 from pve_vhost_agent.plan.tapqinq import check_before_start, link_warnings
@@ -44,7 +51,7 @@ from pve_vhost_agent.plan.tapqinq import check_before_start, link_warnings
 class StartView:
     """What pre-start observed. The optional parts are read only when the VM needs them:
     `qemu_version`, `memory`, `folders` and `external` for vhost-user NICs, `ovs` (the
-    VM's own rows) for `ovs` NICs and tap QinQ."""
+    VM's own rows) for `ovs` NICs and tap QinQ on Open vSwitch, `netdevs` for tap QinQ on Linux bridges, `links` for link ends."""
 
     spec: VmSpec
     config: VmConfig  # where this start reads it (the source's folder during a migration)
@@ -56,6 +63,8 @@ class StartView:
     external: Mapping[int, str | None] = dataclasses.field(default_factory=dict)  # NIC -> why no answer
     ovs: OvsState | None = None
     ovs_error: AgentError | None = None  # why `ovs` could not be read: raised once the local checks pass
+    netdevs: LinkState | None = None  # the host's network devices (tap QinQ on Linux bridges)
+    links: LinkFacts | None = None  # where the link ends' peers are (None: not read)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,20 +85,30 @@ def plan_pre_start(view: StartView) -> StartPlan:
     if stale:
         raise stale
     notes, warnings, actions = [], [], []
-    if vm.nics:
-        nics = ", ".join(nic.name for nic in vm.nics)
+    if vm.nics or vm.links:
+        nics = ", ".join(nic.name for nic in sorted((*vm.nics, *vm.links), key=lambda nic: nic.index))
         notes.append(Note(f"args line matches the spec ({nics})" + (f", as {start.resumes} runs it" if start.resumes else ""),
                           "CheckArgs"))
+    if vm.links and view.links is not None:
+        link_notes, link_warnings = start_notes(vm.links, view.links)
+        notes += [Note(text, "CheckLinks") for text in link_notes]
+        warnings += [Note(text, "CheckLinks") for text in link_warnings]
+    if vm.nics:
         need = shared_memory_need(memory_layout(start.values))
         warnings += [Note(text, "CheckMemory") for text in capacity_warnings(vm.vmid, need, view.memory)]
         for backend in sorted({nic.backend for nic in vm.nics}, key=lambda b: b.value):
             actions += _socket_folder(view.folders[backend])
         _check_external_servers(view, vm)
     ovs_nics = vm.ovs_nics
-    if (ovs_nics or vm.tap_qinq) and view.ovs is None:
+    linux = lbqinq.linux_taps(vm, start.values, view.netdevs)
+    ovs_taps = lbqinq.without_taps(vm, linux)
+    if (ovs_nics or ovs_taps.tap_qinq) and view.ovs is None:
         raise view.ovs_error or OvsUnavailable("Open vSwitch was not read", "this is a bug: report it")
     if vm.tap_qinq:
-        check_before_start(vm, start.values, view.ovs)
+        if linux:
+            lbqinq.check_before_start(vm.vmid, linux, start.values, view.netdevs)
+        if ovs_taps.tap_qinq:
+            check_before_start(ovs_taps, start.values, view.ovs)
         notes.append(Note("QinQ can hold on " + ", ".join(f"{e.port_name} (S-tag {e.qinq.stag})" for e in vm.tap_qinq),
                           "CheckTapQinQ"))
     if ovs_nics:

@@ -12,6 +12,9 @@ from typing import Mapping
 
 from pve_vhost_agent.errors import AgentError, ExitCode
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
+from pve_vhost_agent.model.host import CLUSTER_FS_OK
+from pve_vhost_agent.model.links import LinkFacts, RunningLinks
+from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.names import is_agent_hook
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
@@ -24,10 +27,17 @@ class Problem:
     vmid: int | None
     message: str
     exit_code: int = int(ExitCode.FAILURE)
+    # What the problem is about when its words may change while it lasts (OVSDB first
+    # "lost", then "cannot reach"): the service logs its end only when this is gone.
+    key: str = ""
 
     @classmethod
-    def of(cls, err: AgentError, vmid: int | None = None) -> "Problem":
-        return cls(vmid, str(err), int(err.exit_code))
+    def of(cls, err: AgentError, vmid: int | None = None, key: str = "") -> "Problem":
+        return cls(vmid, str(err), int(err.exit_code), key)
+
+    @property
+    def identity(self) -> tuple[int | None, str]:
+        return (self.vmid, self.key or self.message)
 
     def __str__(self) -> str:
         if self.vmid is None or f"VM {self.vmid}" in self.message:
@@ -68,6 +78,12 @@ class NodeState:
     socket_dirs: Mapping[Backend, Path] = dataclasses.field(default_factory=dict)
     qemu_version: tuple[int, int, int] | None = None
     problems: tuple[Problem, ...] = ()
+    cluster_fs: str = CLUSTER_FS_OK  # /etc/pve: ok, not mounted (nothing read), read-only (no quorum)
+    netdevs: LinkState | None = None  # the host's network devices (QinQ on Linux bridges); None: not read
+    # Link ends: what the running QEMU of each enabled VM with link ends has (VMs whose
+    # QEMU could not be asked are left out), and where their peers are.
+    links: Mapping[int, RunningLinks] = dataclasses.field(default_factory=dict)
+    link_facts: LinkFacts | None = None
 
     @property
     def enabled_vms(self) -> tuple[LocalVm, ...]:

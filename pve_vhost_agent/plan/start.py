@@ -64,13 +64,14 @@ def served_spec(vm: VmSpec, start: StartConfig) -> VmSpec:
     if not start.resumes:
         return vm
     running = nic_indices(qemuargs.agent_args(start.values.get("args", "")))
-    dropped = sorted(running - {nic.index for nic in vm.nics})
+    dropped = sorted(running - {nic.index for nic in (*vm.nics, *vm.links)})
     if dropped:
         raise StaleArgs(
             f"VM {vm.vmid}: its running args still have net{dropped[0]}, which the spec no longer declares",
             f"restart the VM before migrating, or re-add the NIC (pve-vhost-agent nic add {vm.vmid} net{dropped[0]} ...)",
         )
-    return dataclasses.replace(vm, nics=tuple(nic for nic in vm.nics if nic.index in running))
+    return dataclasses.replace(vm, nics=tuple(nic for nic in vm.nics if nic.index in running),
+                               links=tuple(end for end in vm.links if end.index in running))
 
 
 def stale_args(vm: VmSpec, current: tuple[str, ...], planned: tuple[str, ...], start: StartConfig) -> StaleArgs | None:

@@ -110,7 +110,7 @@ def link_warnings(vm: VmSpec, state: OvsState, links: Mapping[str, Link]) -> tup
             continue
         if not tap.up:
             warnings.append(_warn(entry, tap.name, f"{tap.name} is down",
-                                  f"pve-bridge brings it up when QEMU starts: see the start's task log"))
+                                  "pve-bridge brings it up when QEMU starts: see the start's task log"))
         need = tap.mtu + QINQ_HEADER
         for link, fix_on in _uplinks(state, port.bridge, links):
             if link.mtu < need:

@@ -170,6 +170,7 @@ def check_no_collision(pairs, planned, nic_count):
     assert not their_paths & {p["path"] for p in options(planned, "-chardev")}
 
 
+@pytest.mark.peer
 def test_the_corpus_has_configs_to_plan_and_to_refuse():
     """Guards the table above against passing vacuously."""
     outcomes = {}

@@ -43,3 +43,22 @@ def test_the_agent_hook_is_recognised_on_any_storage():
     assert names.hook_volume("local") == "local:snippets/pve-vhost-agent"
     assert names.is_agent_hook("nfs1:snippets/pve-vhost-agent")
     assert not names.is_agent_hook("local:snippets/other.pl") and not names.is_agent_hook(None)
+
+
+@pytest.mark.parametrize("bridge, ethertype, stag, role, name", [
+    ("vmbr0", "802.1ad", 950, "", "vmbr0a950"), ("vmbr0", "802.1q", 1, "u", "vmbr0q1u"),
+    ("vmbr12", "802.1ad", 4094, "t", "vmbr12a4094t"), ("br9a1", "802.1q", 20, "p", "br9a1q20p"),
+])
+def test_s_vlan_device_names_round_trip(bridge, ethertype, stag, role, name):
+    assert names.svlan_device(bridge, ethertype, stag, role) == name
+    assert names.parse_svlan_device(name) == (bridge, ethertype, stag, role)
+
+
+@pytest.mark.parametrize("name", ["vmbr0v950", "vmbr0a0950", "vmbr0a", "vmbr0a950x", "a950", "vmbr0.950"])
+def test_names_the_agent_does_not_make_for_an_s_vlan_are_not_its(name):
+    assert names.parse_svlan_device(name) is None
+
+
+def test_proxmoxs_own_vlan_bridge_and_firewall_bridge_are_told_apart():
+    assert names.pve_vlan_bridge("vmbr0", 950) == "vmbr0v950"
+    assert names.is_firewall_bridge("fwbr100i0") and not names.is_firewall_bridge("vmbr0")

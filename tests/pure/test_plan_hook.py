@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from builders import ROUTER, SOCKET_DIRS, SOCKETS, ids, nic, ovs_state, tap_port, vhost_port, vm_config
-from pve_vhost_agent.errors import ConfigConflict, MemoryLayoutError, NotFound, OvsRefused, StaleArgs
+from builders import ROUTER, SOCKET_DIRS, SOCKETS, ids, linux_host, nic, ovs_state, tap_port, vhost_port, vm_config
+from pve_vhost_agent.errors import ConfigConflict, MemoryLayoutError, NetworkRefused, NotFound, OvsRefused, StaleArgs
 from pve_vhost_agent.formats.qemuargs import merge_agent_args
 from pve_vhost_agent.model.actions import AddVhostPort, DelPort, EnsureBridge, MakeSocketDir, ReplaceVhostPort
 from pve_vhost_agent.model.host import Folder, HostMemory
@@ -119,3 +119,13 @@ def test_post_start_reports_each_port_and_warns_about_a_missing_one():
 
 def _ids(index):
     return ids("port", 100, f"net{index}")
+
+
+def test_qinq_on_a_linux_bridge_is_checked_against_the_links_and_needs_no_open_vswitch():
+    tap_only = VmSpec(100, (), (TapQinQ(100, 0, QinQ(100)),))
+    host = linux_host(taps=())
+    plan = plan_pre_start(view(tap_only, args=False, ovs=None, netdevs=host))
+    assert [n.text for n in plan.notes] == ["QinQ can hold on tap100i0 (S-tag 100)"] and plan.actions == ()
+    with pytest.raises(NetworkRefused) as caught:
+        plan_pre_start(view(tap_only, args=False, ovs=None, netdevs=linux_host(uplink_mtu=1500, taps=())))
+    assert caught.value.exit_code == 8 and "uplink eth0 of vmbr0 has MTU 1500" in str(caught.value)

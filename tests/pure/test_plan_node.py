@@ -8,13 +8,18 @@ import pytest
 
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.status import node_summary, status_line
-from pve_vhost_agent.model.actions import DelPort, DelSocket, RestoreTapVlan, SetTapQinQ, WriteVmArgs
+from builders import after, linux_host
+from pve_vhost_agent.model.actions import (
+    AddSVlanBridge, DelPort, DelSocket, DelSVlanBridge, RestoreTapVlan, SetLinuxTapQinQ, SetTapQinQ, WriteVmArgs,
+)
+from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.formats.qemuargs import merge_agent_args
 from pve_vhost_agent.plan.node import NodePlan, plan_node
 from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
 from pve_vhost_agent.model.spec import Backend, ClusterSpec, QinQ, TapQinQ, VhostNic
 from pve_vhost_agent.formats.vmconfig import VmConfig
+from pve_vhost_agent.plan.marks import with_marks
 
 RUN = Path("/run/pve-vhost-agent")
 DIRS = {b: RUN / b.value for b in Backend}
@@ -38,6 +43,8 @@ def config(vmid=100, body=BASE, hook=True, synced=True, memory_in_args=None) -> 
             effective["memory"] = str(memory_in_args)
         plan = plan_args(SPEC.for_vm(vmid), effective, QEMU, DIRS)
         text += f"args: {merge_agent_args('', plan.args)}\n"
+        if hook:  # an enabled VM in step carries the GUI marks too
+            text = with_marks(VmConfig.parse(text), SPEC.for_vm(vmid).nics).text
     return LocalVm(vmid, VmConfig.parse(text))
 
 
@@ -190,6 +197,35 @@ def test_an_unreadable_spec_still_collects_leftovers():
     problem = Problem(None, "spec file line 3: bad", 3)
     plan = plan_node(node(config(100, synced=False), ports=[vhost(101)], spec=None, problems=(problem,)))
     assert [type(a) for a in plan.actions] == [DelPort] and plan.problems == (problem,)
+
+
+# --- tap QinQ on Linux bridges ------------------------------------------------------------
+
+ON_950 = BASE.replace("tag=20", "tag=950")
+NO_OVS = Problem(None, "cannot reach OVSDB at unix:/x (No such file)", 6)
+
+
+def linux_node(*vms, links: LinkState, **kw) -> NodeState:
+    return node(*vms, ovs=None, problems=(NO_OVS,), netdevs=links, **kw)
+
+
+def test_a_running_vm_on_a_linux_bridge_gets_its_qinq_without_open_vswitch():
+    plan = plan_node(linux_node(config(100, ON_950), running=[100], links=linux_host()))
+    assert [type(a) for a in plan.actions] == [AddSVlanBridge, SetLinuxTapQinQ]
+    assert plan.guards == {100: True} and plan.problems == (NO_OVS,)
+
+
+def test_s_vlan_devices_no_tap_uses_go_unless_a_running_or_starting_vm_needs_them():
+    host = linux_host()
+    done = after(host, plan_node(linux_node(config(100, ON_950), running=[100], links=host)).actions)
+    stopped = LinkState(tuple(link for link in done.links if link.name != "tap100i0"))
+    plan = plan_node(linux_node(config(100, ON_950), links=stopped))
+    assert plan.actions == (DelSVlanBridge("vmbr0", 950, "802.1ad", ("vmbr0a950u", "vmbr0a950"), "no QinQ tap uses it"),)
+    assert plan.guards == {}
+    assert plan_node(linux_node(config(100, ON_950), busy=[100], links=stopped)).actions == ()
+    line = status_line(node_summary(linux_node(config(100, ON_950), running=[100], links=done),
+                                    plan_node(linux_node(config(100, ON_950), running=[100], links=done))), WHEN)
+    assert line.startswith("1 VM (1 running): Open vSwitch unreachable, 1 QinQ tap; last pass 14:02:11; 1 problem")
 
 
 # --- the status line ----------------------------------------------------------------------

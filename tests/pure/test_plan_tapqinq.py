@@ -23,7 +23,7 @@ def ovs(*bridges, vlan_limit="2", probed=(), ports=()):
 @pytest.mark.parametrize("value, stag, fixed", [
     (f"{MAC},bridge=vmbr0", 950, f"{MAC},bridge=vmbr0,tag=950"),
     (f"{MAC},bridge=vmbr0,firewall=1,tag=10,trunks=10;20", 950, f"{MAC},bridge=vmbr0,tag=950"),
-    (f"model=virtio,macaddr=BC:24:11:00:00:01,bridge=vmbr0,mtu=1400,queues=4", 5,
+    ("model=virtio,macaddr=BC:24:11:00:00:01,bridge=vmbr0,mtu=1400,queues=4", 5,
      "model=virtio,macaddr=BC:24:11:00:00:01,bridge=vmbr0,mtu=1400,queues=4,tag=5"),
 ])
 def test_the_fix_keeps_the_nic_and_sets_only_the_s_tag(value, stag, fixed):

@@ -1,10 +1,12 @@
 """VM config text: every byte survives, and an edit touches exactly one line."""
 
 import difflib
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from pve_vhost_agent.errors import ConfigConflict
 from pve_vhost_agent.formats.vmconfig import VmConfig
 
 from conftest import PEER
@@ -46,6 +48,7 @@ def changed_lines(before: str, after: str) -> list[str]:
     return [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-"]
 
 
+@pytest.mark.peer
 def test_corpus_is_there():
     # The peer corpus is the real-world input: a missing folder must not pass silently.
     assert len(CORPUS) > 90
@@ -149,10 +152,27 @@ def test_empty_file_gets_a_terminated_line():
     assert VmConfig.parse("").with_value("args", "-x").text == "args: -x\n"
 
 
-@pytest.mark.parametrize("key, value", [("args", "a\nb"), ("args", " -x"), ("args", ""), ("Args", "-x"), ("delete", "net0")])
-def test_values_that_would_break_the_file_are_refused(key, value):
+@pytest.mark.parametrize("key", ["Args", "delete", "description"])
+def test_keys_the_agent_never_writes_are_a_bug_to_ask_for(key):
     with pytest.raises(ValueError):
-        VmConfig.parse("memory: 512\n").with_value(key, value)
+        VmConfig.parse("memory: 512\n").with_value(key, "-x")
+
+
+@pytest.mark.parametrize("value, words", [
+    ("a\nb", "control character (U+000A) at character 2"), ("-a\rb", "control character (U+000D) at character 3"),
+    ("-x \x1b[2J", "(U+001B)"), ("-x\x7f", "(U+007F)"), (" -x", "blanks at its ends"), ("-x\t", "blanks at its ends"),
+    ("", "empty"),
+])
+def test_values_that_would_not_read_back_are_the_vms_conflict_with_the_fix(value, words):
+    # A user's args with a carriage return made this a plain ValueError: a traceback from
+    # `apply`, `nic add` and `status`, and a failed pass of the service for every VM.
+    with pytest.raises(ConfigConflict, match=re.escape(words)) as caught:
+        VmConfig.parse("memory: 512\n").with_value("args", value)
+    assert "qm set VMID --args" in str(caught.value)
+
+
+def test_a_tab_inside_a_value_is_kept():
+    assert VmConfig.parse("").with_value("args", "-a\tb").text == "args: -a\tb\n"
 
 
 # Bodies made of config-like lines, headers, comments, blanks and junk.

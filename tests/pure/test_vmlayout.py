@@ -49,6 +49,7 @@ def test_bad_memory_value_names_the_fix():
         memory_layout({"memory": "lots"})
 
 
+@pytest.mark.peer
 def test_memory_matches_proxmox_command_lines():
     # The peer corpus shows the -m Proxmox generated for each config.
     checked = 0

@@ -51,6 +51,18 @@ PACKAGE = TESTS_DIR.parent / "pve_vhost_agent"
 PACKAGE_FOLDER = "usr/lib/python3/dist-packages"  # where a Debian install puts it, under a root
 
 
+# pmxcfs serves generated files in /etc/pve whenever it runs (`.version`, `.members`, ...);
+# the agent takes a folder without them for pve-cluster being down (adapters/pvefs.py).
+PMXCFS_VERSION = '{\n"starttime": 0,\n"clinfo": 0,\n"vmlist": 0,\n"kvstore": {\n}\n}\n'
+
+
+def mark_pmxcfs(pve: Path) -> None:
+    """Make `pve` look served by pmxcfs, as /etc/pve is on a running node."""
+    pve.mkdir(parents=True, exist_ok=True)
+    (pve / ".version").write_text(PMXCFS_VERSION)
+    (pve / ".members").write_text("{\n}\n")
+
+
 def link_package(root: Path) -> None:
     """The checkout's package where the (isolated) hookscript looks for it under `root`,
     as the installed package is under `/`."""
@@ -93,6 +105,7 @@ class Cluster:
         self.readconfig_dir = readconfig_dir
         self.pve = base / "pve"
         (self.pve / "priv" / "lock").mkdir(parents=True, exist_ok=True)
+        mark_pmxcfs(self.pve)
         (self.pve / "nodes").mkdir(exist_ok=True)
         self.nodes: dict[str, Node] = {}
 
