@@ -125,7 +125,7 @@ def all_commands(group: click.Group, path: tuple[str, ...] = ()):
 
 
 def test_help_summaries_are_whole_sentences_in_80_columns():
-    for args in ([], ["nic"], ["qinq"], ["ovs"]):
+    for args in ([], ["nic"], ["qinq"], ["ovs"], ["link"]):
         shown = subprocess.run(["/usr/bin/python3", "-m", "pve_vhost_agent", *args, "--help"], cwd=REPO,
                                env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                                check=True).stdout
