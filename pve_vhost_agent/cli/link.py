@@ -45,7 +45,9 @@ def _report(settings: Settings, result: links.LinkChange, verb: str, as_json: bo
 
 @click.group("link")
 def link_group() -> None:
-    """VM-to-VM point-to-point links: two VM NICs joined like a wire (LLDP and STP pass)."""
+    """Join VM NICs point to point (VM-to-VM links).
+
+    Two VM NICs joined like a wire: LLDP and STP pass."""
 
 
 @link_group.command("add")
