@@ -46,7 +46,9 @@ def _report(settings: Settings, result: links.LinkChange, verb: str, as_json: bo
 
 @click.group("link", cls=Group, short_help="Join two VM NICs point to point (LLDP, STP pass).")
 def link_group() -> None:
-    """VM-to-VM point-to-point links: two VM NICs joined like a wire (LLDP and STP pass)."""
+    """Join VM NICs point to point (VM-to-VM links).
+
+    Two VM NICs joined like a wire: LLDP and STP pass."""
 
 
 @link_group.command("add", short_help="Declare a link between two VM NICs.")
