@@ -51,11 +51,11 @@ class Lab:
         return {**os.environ, "PYTHONPATH": str(REPO), "PVE_VHOST_AGENT_ROOT": str(self.nodes[node].root),
                 "PVE_VHOST_AGENT_NODE": node, "PVE_VHOST_AGENT_OVSDB": self.nodes[node].ovsdb}
 
-    def cli(self, node: str, *args: str, code: int = 0) -> subprocess.CompletedProcess:
-        """`pve-vhost-agent ARGS` on `node` (in its network namespace)."""
+    def cli(self, node: str, *args: str, code: int | None = 0) -> subprocess.CompletedProcess:
+        """`pve-vhost-agent ARGS` on `node` (in its network namespace); `code` None: any exit code."""
         result = subprocess.run([*self.nodes[node].enter(), "/usr/bin/python3", "-m", "pve_vhost_agent", *args],
                                 env=self.env(node), cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert result.returncode == code, result.stdout + result.stderr
+        assert code is None or result.returncode == code, result.stdout + result.stderr
         return result
 
     def qm(self, node: str, paused: bool = True) -> Qm:
@@ -234,6 +234,12 @@ def test_a_start_warns_when_the_cluster_network_cannot_carry_a_whole_guest_frame
     b = lab.vm("pve2", "r6")
     lab.cli("pve1", "link", "add", f"{a}:net1", f"{b}:net1", "--mtu", "1500")
     lab.cli("pve1", "enable", str(a))
+    # The doctor says it before any start, with the same figures (from the node's own underlay).
+    report = json.loads(lab.cli("pve1", "doctor", "--json", code=None).stdout)
+    [finding] = [f for f in report["findings"] if f["check"] == "link-underlay-mtu"]
+    assert finding["severity"] == "warning" and finding["subject"] == f"VM {a} net1", finding
+    assert re.search(rf"needs an underlay MTU of 1542 .*, but {PREFIX}\w+ has 1500", finding["problem"]), finding
+    assert "re-add the link with --mtu 1458" in finding["fix"]
     started = lab.qm("pve1").start(a)  # a warning, not a refusal: fragments still arrive, slowly
     assert re.search(f"the link to {b}:net1 has guest MTU 1500, which needs an underlay MTU of 1542 "
                      rf"\(IPv4: 42 bytes of tunnel\), but {PREFIX}\w+ has 1500", started.task.text), started.task.text

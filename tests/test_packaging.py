@@ -125,7 +125,7 @@ def all_commands(group: click.Group, path: tuple[str, ...] = ()):
 
 
 def test_help_summaries_are_whole_sentences_in_80_columns():
-    for args in ([], ["nic"], ["qinq"], ["ovs"]):
+    for args in ([], ["nic"], ["qinq"], ["ovs"], ["link"]):
         shown = subprocess.run(["/usr/bin/python3", "-m", "pve_vhost_agent", *args, "--help"], cwd=REPO,
                                env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                                check=True).stdout
@@ -134,8 +134,8 @@ def test_help_summaries_are_whole_sentences_in_80_columns():
 
 
 # Commands that change something (files, configs, Open vSwitch) and print what they did.
-WRITERS = {("apply",), ("enable",), ("disable",), ("install-hook",), ("migrate-spec",), ("nic", "add"),
-           ("nic", "set"), ("nic", "remove"), ("qinq", "set"), ("qinq", "remove")}
+WRITERS = {("apply",), ("adopt",), ("enable",), ("disable",), ("install-hook",), ("migrate-spec",), ("nic", "add"),
+           ("nic", "set"), ("nic", "remove"), ("qinq", "set"), ("qinq", "remove"), ("link", "add"), ("link", "remove")}
 
 
 def test_every_command_that_writes_has_json():

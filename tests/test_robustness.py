@@ -42,6 +42,7 @@ from pve_vhost_agent.plan.observed import LocalVm, NodeState
 from builders import SOCKET_DIRS, nic as vhost_nic
 from fixtures.pveroot import PveRoot
 from conftest import REPO
+from pvestandin.layout import mark_pmxcfs
 
 # A VM the agent can serve: no ballooning, numa off.
 ROUTER = "balloon: 0\nboot: order=scsi0\nmemory: 1024\nname: router\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n"
@@ -652,6 +653,7 @@ def fuzz_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-root")
     (root / "etc/pve/nodes/pve1/qemu-server").mkdir(parents=True)
     (root / "etc/pve/priv/lock").mkdir(parents=True)
+    mark_pmxcfs(root / "etc/pve")
     pve = PveRoot(root)
     pve.write_vm(100, ENABLED)
     pve.write_vm(101, ROUTER + "net2: virtio=BC:24:11:00:00:02,bridge=vmbr0,tag=5\n")

@@ -13,6 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from pve_vhost_agent.adapters.host import read_host_memory
+from pve_vhost_agent.adapters.linkstate import IFF_UP, over_netlink, port_vlans
 from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.formats.dpkgstatus import installed_packages
 from pve_vhost_agent.formats.interfaces import SOURCE_DIRECTORY_FILE, ParsedFile, combine, parse_file
@@ -20,6 +21,7 @@ from pve_vhost_agent.model.hostnet import (
     BOND_MODES, DOT1AD, DOT1Q, SYSCTLS, XMIT_HASH_POLICIES, BondSlaveState, BondState, BridgeState, HostFacts, HostLink,
     HostNet, NetworkFile, VlanState,
 )
+from pve_vhost_agent.model.netdevs import ETH_P_8021AD
 from pve_vhost_agent.model.ovs import FrozenMap
 from pve_vhost_agent.settings import Settings
 
@@ -27,9 +29,6 @@ INTERFACES = "/etc/network/interfaces"
 DPKG_STATUS = "/var/lib/dpkg/status"
 VSWITCHD_ALTERNATIVE = "/etc/alternatives/ovs-vswitchd"
 MAX_FILES = 256  # a `source` loop must not read for ever
-IFF_UP = 0x1
-ETH_P_8021AD = 0x88A8
-BRIDGE_VLAN_INFO_RANGE_BEGIN, BRIDGE_VLAN_INFO_RANGE_END = 0x8, 0x10
 BOND_LINK_UP = 0  # IFLA_BOND_SLAVE_MII_STATUS
 BOND_STATE_ACTIVE = 0  # IFLA_BOND_SLAVE_STATE
 
@@ -39,17 +38,9 @@ BOND_STATE_ACTIVE = 0  # IFLA_BOND_SLAVE_STATE
 
 def read_host_net(settings: Settings) -> HostNet:
     """The kernel's links (with bond, VLAN and bridge details and bridge VLAN tables) and sysctls."""
-    from pyroute2 import IPRoute  # imported here: only host checks need netlink
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        with IPRoute() as ipr:
-            messages = list(ipr.get_links())
-            vlan_messages = list(ipr.get_vlans())
-    except (OSError, NetlinkError) as err:
-        raise AgentError(f"cannot read the network links through netlink: {err}", "run as root on the host") from err
+    messages, entries = over_netlink(lambda ipr: (list(ipr.get_links()), port_vlans(ipr)))
     names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in messages}
-    vids = {msg.get_attr("IFLA_IFNAME"): _vids(msg) for msg in vlan_messages}
+    vids = {names.get(index): tuple(sorted({entry.vid for entry in found})) for index, found in entries.items()}
     links = tuple(sorted((_link(msg, names, vids) for msg in messages), key=lambda link: link.name))
     return HostNet(links, FrozenMap(read_sysctls(settings)))
 
@@ -103,23 +94,6 @@ def _bond(data: dict) -> BondState:
         aggregator=ad.get("IFLA_BOND_AD_INFO_AGGREGATOR"),
         partner_mac=ad.get("IFLA_BOND_AD_INFO_PARTNER_MAC", ""),
     )
-
-
-def _vids(msg) -> tuple[int, ...]:
-    """A bridge port's VLANs from its AF_BRIDGE message (ranges expanded)."""
-    spec = msg.get_attr("IFLA_AF_SPEC")
-    found: set[int] = set()
-    begin = None
-    for entry in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO") if spec else ():
-        vid, flags = entry["vid"], entry["flags"]
-        if flags & BRIDGE_VLAN_INFO_RANGE_BEGIN:
-            begin = vid
-        elif flags & BRIDGE_VLAN_INFO_RANGE_END and begin is not None:
-            found.update(range(begin, vid + 1))
-            begin = None
-        else:
-            found.add(vid)
-    return tuple(sorted(found))
 
 
 def read_sysctls(settings: Settings) -> dict[str, str]:

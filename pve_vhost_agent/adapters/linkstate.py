@@ -7,7 +7,7 @@ the taps that carry its mark or are asked for. Read only.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.model.netdevs import (
@@ -19,17 +19,23 @@ AF_BRIDGE = 7
 RTEXT_FILTER_BRVLAN_COMPRESSED = 1 << 2
 VLAN_INFO_PVID, VLAN_INFO_UNTAGGED, VLAN_INFO_RANGE_BEGIN, VLAN_INFO_RANGE_END = 0x2, 0x4, 0x8, 0x10
 IFF_UP = 0x1
+T = TypeVar("T")
 CLSACT_PARENTS = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 
 
 def read_link_state(tc_of: Iterable[str] = ()) -> LinkState:
     """Every link of the host, with the agent's tc filters of `tc_of` and of its marked taps."""
-    from pyroute2 import IPRoute  # only hooks and passes that deal with Linux bridges load netlink
+    return over_netlink(lambda ipr: observe(ipr, tc_of))
+
+
+def over_netlink(read: Callable[[Any], T]) -> T:
+    """`read(ipr)` over one pyroute2 IPRoute of this network namespace; its failure said in one line."""
+    from pyroute2 import IPRoute  # only what deals with Linux links (QinQ on Linux bridges, the doctor) loads netlink
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         with IPRoute() as ipr:
-            return observe(ipr, tc_of)
+            return read(ipr)
     except (OSError, NetlinkError) as err:
         raise AgentError(f"cannot read the network links through netlink: {err}", "run as root on the host") from err
 
@@ -37,7 +43,7 @@ def read_link_state(tc_of: Iterable[str] = ()) -> LinkState:
 def observe(ipr, tc_of: Iterable[str] = ()) -> LinkState:
     """The links as `ipr` (an open pyroute2 IPRoute) sees them now."""
     wanted_tc = set(tc_of)
-    vlans = _port_vlans(ipr)
+    vlans = port_vlans(ipr)
     links = []
     for msg in ipr.get_links():
         name = msg.get_attr("IFLA_IFNAME")
@@ -61,7 +67,7 @@ def _marked_tap(name: str, alias: str) -> bool:
     return alias.startswith(MARK + " ") and TAP.parse(name) is not None
 
 
-def _port_vlans(ipr) -> dict[int, tuple[BridgeVlan, ...]]:
+def port_vlans(ipr) -> dict[int, tuple[BridgeVlan, ...]]:
     """VLAN entries of every bridge port, by link index (ranges expanded)."""
     found: dict[int, tuple[BridgeVlan, ...]] = {}
     # match={}: without it pyroute2 takes ext_mask for a filter of its own, not the request's

@@ -12,7 +12,7 @@ from pve_vhost_agent.model.findings import Severity
 from pve_vhost_agent.settings import Settings
 
 
-@click.command("doctor")
+@click.command("doctor", short_help="Check the host network, OVS-DPDK and the agent.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: {\"findings\": [...]}.")
 @click.pass_obj
 def doctor(settings: Settings, as_json: bool) -> None:

@@ -9,6 +9,7 @@ import json
 
 import click
 
+from pve_vhost_agent.cli.common import Group
 from pve_vhost_agent.cli.vm import args_lines, args_row
 from pve_vhost_agent.flows import links
 from pve_vhost_agent.formats import specfile
@@ -43,12 +44,14 @@ def _report(settings: Settings, result: links.LinkChange, verb: str, as_json: bo
         click.echo(line)
 
 
-@click.group("link")
+@click.group("link", cls=Group, short_help="Join two VM NICs point to point (LLDP, STP pass).")
 def link_group() -> None:
-    """VM-to-VM point-to-point links: two VM NICs joined like a wire (LLDP and STP pass)."""
+    """Join VM NICs point to point (VM-to-VM links).
+
+    Two VM NICs joined like a wire: LLDP and STP pass."""
 
 
-@link_group.command("add")
+@link_group.command("add", short_help="Declare a link between two VM NICs.")
 @click.argument("first", metavar="VMID:netN")
 @click.argument("second", metavar="VMID:netM")
 @click.option("--mtu", type=click.IntRange(spec.MTU_MIN, spec.LINK_MTU_MAX),
@@ -70,7 +73,7 @@ def link_add(settings: Settings, first: str, second: str, mtu: int | None, macs:
     _report(settings, links.add(settings, first, second, mtu, macs, dry_run), "added", as_json)
 
 
-@link_group.command("remove")
+@link_group.command("remove", short_help="Remove a link (give either end).")
 @click.argument("end", metavar="VMID:netN")
 @click.option("--dry-run", is_flag=True, help="Print the sections that would be removed; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as one JSON object.")
@@ -80,7 +83,7 @@ def link_remove(settings: Settings, end: str, dry_run: bool, as_json: bool) -> N
     _report(settings, links.remove(settings, end, dry_run), "removed", as_json)
 
 
-@link_group.command("list")
+@link_group.command("list", short_help="List links, their ends and where they run.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of links.")
 @click.pass_obj
 def link_list(settings: Settings, as_json: bool) -> None:

@@ -3,7 +3,7 @@
 `run_doctor` is `pve-vhost-agent doctor`: it reads everything itself, Open vSwitch as
 one full snapshot. `DoctorWatch` serves the service: each pass it hands over what the
 pass observed already (VMs, spec, OVS) and the watch runs the doctor again only when
-/etc/network/interfaces, the spec, the VMs or OVS changed, or every DOCTOR_INTERVAL
+/etc/network/interfaces, corosync.conf, the spec, the VMs or OVS changed, or every DOCTOR_INTERVAL
 seconds (a bond's LACP partner or a slave's carrier changes without any of these); it
 logs a finding once when it appears and once when it is gone.
 """
@@ -18,12 +18,13 @@ from pathlib import PurePosixPath
 from pve_vhost_agent.adapters.hostnet import (
     DPKG_STATUS, INTERFACES, VSWITCHD_ALTERNATIVE, file_stamps, read_host_facts, read_host_net, read_network_file,
 )
+from pve_vhost_agent.adapters import links as link_facts
 from pve_vhost_agent.adapters.ovsdb import Ovsdb
 from pve_vhost_agent.adapters.specstore import load_spec
 from pve_vhost_agent.adapters.vmstore import local_vm_configs, vm_running
 from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.model.findings import Finding, Severity, error_count
-from pve_vhost_agent.model.spec import is_decimal
+from pve_vhost_agent.model.spec import ClusterSpec, is_decimal
 from pve_vhost_agent.plan.doctor import DoctorInput, diagnose
 from pve_vhost_agent.plan.observed import LocalVm, NodeState
 from pve_vhost_agent.settings import Settings
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 OVS_TIMEOUT = 5.0  # seconds: the doctor reports an unreachable switch, it does not wait for one
 DOCTOR_INTERVAL = 60.0  # the service runs the doctor at least this often
+COROSYNC = "/etc/pve/corosync.conf"  # the nodes' cluster addresses, which links between nodes use
 
 
 def run_doctor(settings: Settings) -> tuple[Finding, ...]:
@@ -48,7 +50,7 @@ def observe(settings: Settings, node: NodeState | None = None) -> DoctorInput:
     if node is not None:
         return DoctorInput(**parts, ovs=node.ovs, ovs_problem="" if node.ovs else "Open vSwitch is unreachable",
                            spec=node.spec, spec_problem="the declarations cannot be read (the service's problems say why)",
-                           vms=node.vms, running=node.running)
+                           vms=node.vms, running=node.running, **_links(settings, node.spec, node.vms))
     try:
         spec, spec_problem = load_spec(settings), ""
     except AgentError as err:
@@ -62,7 +64,8 @@ def observe(settings: Settings, node: NodeState | None = None) -> DoctorInput:
     ovs, ovs_problem = _read_ovs(settings)
     return DoctorInput(**parts, ovs=ovs, ovs_problem=ovs_problem, spec=spec, spec_problem=spec_problem,
                        vms=tuple(vms), vm_problems=tuple(vm_problems),
-                       running=frozenset(vm.vmid for vm in vms if vm_running(settings, vm.vmid)))
+                       running=frozenset(vm.vmid for vm in vms if vm_running(settings, vm.vmid)),
+                       **_links(settings, spec, vms))
 
 
 def doctor_errors(settings: Settings, node: NodeState) -> int:
@@ -78,6 +81,17 @@ def _attempt(read, settings: Settings):
         return read(settings), ""
     except AgentError as err:
         return None, str(err)
+
+
+def _links(settings: Settings, spec: ClusterSpec | None, vms) -> dict:
+    """Where the peers of this node's link ends are, and the underlay (only with link ends)."""
+    peers = {end.peer[0] for vm in vms for end in (spec.for_vm(vm.vmid).links if spec is not None else ())}
+    if not peers:
+        return {}
+    try:
+        return {"links": link_facts.facts(settings, peers)}
+    except AgentError as err:
+        return {"links_problem": str(err)}
 
 
 def _read_ovs(settings: Settings):
@@ -99,7 +113,7 @@ class DoctorWatch:
 
     interval: float = DOCTOR_INTERVAL
     findings: tuple[Finding, ...] = ()
-    _files: tuple[str, ...] = (INTERFACES, DPKG_STATUS, VSWITCHD_ALTERNATIVE)
+    _files: tuple[str, ...] = (INTERFACES, DPKG_STATUS, VSWITCHD_ALTERNATIVE, COROSYNC)
     _key: object = None
     _when: float = float("-inf")
     _reported: frozenset[str] = frozenset()
@@ -118,7 +132,7 @@ class DoctorWatch:
             read = inp.network_file.files if inp.network_file else (INTERFACES,)
             # The folders too: a new file in interfaces.d changes its folder.
             self._files = tuple(dict.fromkeys([*read, *(str(PurePosixPath(f).parent) for f in read),
-                                               DPKG_STATUS, VSWITCHD_ALTERNATIVE]))
+                                               DPKG_STATUS, VSWITCHD_ALTERNATIVE, COROSYNC]))
             self._key = (file_stamps(settings, self._files), node.vms, node.spec, node.ovs, node.running)
             self._log()
         return error_count(self.findings)

@@ -230,14 +230,21 @@ def connected_ends(ends: Sequence[spec.LinkEnd], wanted: Mapping[int, EndSocket 
 def underlay_warning(end: spec.LinkEnd, address: str, device: str | None, mtu: int | None) -> str | None:
     """A warning when the interface carrying this node's cluster `address` cannot take the
     end's frames in one datagram (None: it can, or the end talks over loopback)."""
+    shortfall = underlay_shortfall(end, address, device, mtu)
+    return None if shortfall is None else f"VM {end.vmid} {end.name}: {shortfall[0]}; {shortfall[1]}"
+
+
+def underlay_shortfall(end: spec.LinkEnd, address: str, device: str | None, mtu: int | None) -> tuple[str, str] | None:
+    """(problem, fix) when `device` (MTU `mtu`, holding this node's cluster `address`;
+    None: no interface holds it) cannot carry the end's guest frames whole; else None."""
     overhead = spec.LINK_OVERHEAD[family(address)]
     needed = end.mtu + overhead
     if mtu is None:
-        return (f"VM {end.vmid} {end.name}: no interface of this node has its cluster address {address}, "
-                f"so the link to {end.peer_end} may not reach its peer; check ring0_addr in /etc/pve/corosync.conf")
+        return (f"no interface of this node has its cluster address {address}, so the link to {end.peer_end} "
+                "may not reach its peer", "check ring0_addr in /etc/pve/corosync.conf")
     if mtu >= needed:
         return None
     fits = mtu - overhead
-    return (f"VM {end.vmid} {end.name}: the link to {end.peer_end} has guest MTU {end.mtu}, which needs an underlay "
-            f"MTU of {needed} (IPv{family(address)}: {overhead} bytes of tunnel), but {device} has {mtu}: larger "
-            f"frames are fragmented (slow); raise {device}'s MTU to {needed}, or re-add the link with --mtu {fits}")
+    return (f"the link to {end.peer_end} has guest MTU {end.mtu}, which needs an underlay MTU of {needed} "
+            f"(IPv{family(address)}: {overhead} bytes of tunnel), but {device} has {mtu}: larger frames are "
+            f"fragmented (slow)", f"raise {device}'s MTU to {needed}, or re-add the link with --mtu {fits}")

@@ -1,5 +1,5 @@
 """The host network doctor's checks as tables: a seed-style host (tests/builders.py), one fault
-at a time, and the finding that names it (plan/doctor.py, doctor_net.py, doctor_ovs.py)."""
+at a time, and the finding that names it (plan/doctor.py, doctor_net.py, doctor_ovs.py, doctor_links.py)."""
 
 import dataclasses
 
@@ -11,7 +11,8 @@ from builders import (
 from pve_vhost_agent.model.findings import Finding, Severity, error_count, sorted_findings
 from pve_vhost_agent.model.hostnet import BondSlaveState, BondState, BridgeState, VlanState
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort
-from pve_vhost_agent.model.spec import ClusterSpec, QinQ, TapQinQ, VlanPolicy
+from pve_vhost_agent.model.links import LinkFacts
+from pve_vhost_agent.model.spec import LINK_PORT_MIN, ClusterSpec, LinkEnd, QinQ, TapQinQ, VlanPolicy
 from pve_vhost_agent.plan.doctor import DoctorInput, diagnose
 from pve_vhost_agent.plan.observed import LocalVm
 
@@ -262,3 +263,63 @@ def test_findings_sort_errors_first_and_count():
                                 Finding(Severity.WARNING, "b", "p", "f"), Finding(Severity.ERROR, "z", "p", "f")])
     assert [f.severity.value for f in findings] == ["error", "warning", "info"] and error_count(findings) == 1
     assert str(findings[0]) == "error: z: p; f"
+
+
+# --- VM-to-VM links ---------------------------------------------------------------------------
+
+PORTS = (LINK_PORT_MIN, LINK_PORT_MIN + 1)
+CLUSTER = {"pve1": "192.0.2.11", "pve2": "192.0.2.12"}
+
+
+def linked(peer_node="pve2", underlay=("eno1", 1500), mtu=1458, addresses=CLUSTER, peer_declared=True,
+           **kw) -> DoctorInput:
+    """VM 100 of this node (pve1), its net2 linked to VM 101 net3 on `peer_node`."""
+    here = LinkEnd(100, 2, "02:00:00:00:0A:01", PORTS[0], (101, 3), PORTS[1], mtu)
+    there = LinkEnd(101, 3, "02:00:00:00:0B:01", PORTS[1], (100, 2), PORTS[0], mtu)
+    facts = LinkFacts("pve1", {101: peer_node}, addresses, underlay)
+    spec = ClusterSpec(links=(here, there) if peer_declared else (here,))
+    return dataclasses.replace(seed(), vms=(vm(100, ROUTER + HOOK),), cluster_vmids=frozenset({100, 101}),
+                               spec=spec, **{"links": facts, **kw})
+
+
+def link_found(inp):
+    return [(f.severity.value, f.subject, f.check) for f in diagnose(inp) if f.check.startswith("link")]
+
+
+def test_a_link_the_underlay_carries_whole_has_nothing_to_say():
+    assert link_found(linked()) == []
+    assert link_found(linked(peer_node="pve1", underlay=(None, None), mtu=9000)) == []  # loopback: any size
+    assert link_found(linked(underlay=("eno1", 9000), mtu=8958)) == []
+
+
+def test_a_link_whose_guest_mtu_the_underlay_cannot_carry_is_a_warning_with_the_mtu_that_fits():
+    [finding] = [f for f in diagnose(linked(mtu=1500)) if f.check == "link-underlay-mtu"]
+    assert finding.severity is Severity.WARNING and finding.subject == "VM 100 net2"
+    assert str(finding) == (
+        "warning: VM 100 net2: the link to 101:net3 has guest MTU 1500, which needs an underlay MTU of 1542 "
+        "(IPv4: 42 bytes of tunnel), but eno1 has 1500: larger frames are fragmented (slow); raise eno1's MTU "
+        "to 1542, or re-add the link with --mtu 1458")
+    ipv6 = linked(addresses={"pve1": "2001:db8::11", "pve2": "2001:db8::12"})
+    assert link_found(ipv6) == [("warning", "VM 100 net2", "link-underlay-mtu")]  # 1458 + 62 > 1500
+
+
+@pytest.mark.parametrize("inp, expected, words", [
+    (linked(underlay=(None, None)), ("error", "VM 100 net2", "link-address"),
+     "no interface of this node has its cluster address 192.0.2.11"),
+    (linked(peer_node=None), ("error", "VM 100 net2", "link-dark"), "is dark: VM 101 has no config on any node"),
+    (linked(addresses={"pve1": "192.0.2.11"}), ("error", "VM 100 net2", "link-dark"),
+     "node pve2 has no ring0_addr in corosync.conf"),
+    (linked(peer_declared=False), ("error", "links", "link-one-sided"), "101:net3, which declares no link end"),
+    (linked(links=None, links_problem="cannot read this node's addresses through netlink: denied"),
+     ("warning", "links", "links-unreadable"), "not checked: cannot read this node's addresses"),
+])
+def test_a_link_that_cannot_reach_its_peer_is_named(inp, expected, words):
+    findings = [f for f in diagnose(inp) if f.check.startswith("link")]
+    assert [(f.severity.value, f.subject, f.check) for f in findings] == [expected]
+    assert words in findings[0].problem and findings[0].fix
+
+
+def test_declarations_of_a_gone_vm_name_its_link_ends_too():
+    inp = dataclasses.replace(linked(), cluster_vmids=frozenset({100}))
+    [gone] = [f for f in diagnose(inp) if f.check == "spec-without-vm"]
+    assert "101.cfg declares net3, but no node has a VM 101" in gone.problem
