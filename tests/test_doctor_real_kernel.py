@@ -22,6 +22,7 @@ import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
 from builders import SEED_MAIN, SEED_NAT
+from pvestandin.layout import mark_pmxcfs
 from pve_vhost_agent.flows.doctor import run_doctor
 from pve_vhost_agent.settings import DEFAULT_OVSDB, Settings
 
@@ -120,6 +121,7 @@ def host():
     (root / "etc/network/interfaces.d/nat").write_text(NAT)
     vms = root / "etc/pve/nodes" / NODE / "qemu-server"
     vms.mkdir(parents=True)
+    mark_pmxcfs(root / "etc/pve")
     (vms / "100.conf").write_text(f"memory: 2048\nname: web\nnet0: {VM_NIC}\n")
     for name in ("proc", "sys"):
         (root / name).symlink_to(f"/{name}")

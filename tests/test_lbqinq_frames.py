@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from fixtures.fakeqemu import start_fake_qemu
 from fixtures.frames import capture_socket, collect, frame, mac, tag_text
 from fixtures.tapdev import GuestTap
+from pvestandin.layout import mark_pmxcfs
 from pve_vhost_agent.flows import declare
 from pve_vhost_agent.flows.hook import run_hook
 from pve_vhost_agent.flows.service import Service
@@ -105,6 +106,7 @@ class Host:
         self.qemus = {}
         (root / "etc/pve/nodes" / NODE / "qemu-server").mkdir(parents=True)
         (root / "etc/pve/priv/lock").mkdir(parents=True)
+        mark_pmxcfs(root / "etc/pve")
 
     def network(self, *, vlan_aware: bool, bond: bool, uplink_mtu: int = 1504) -> None:
         """vmbr0 (MTU 1500) whose uplink is bond0 (a veth slave) or the veth kvw0; kvw1 is the wire."""

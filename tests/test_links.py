@@ -245,3 +245,26 @@ def test_a_start_warns_when_the_cluster_network_cannot_carry_a_whole_guest_frame
                      rf"\(IPv4: 42 bytes of tunnel\), but {PREFIX}\w+ has 1500", started.task.text), started.task.text
     assert "re-add the link with --mtu 1458" in started.task.text
     lab.qm("pve1").stop(a)
+
+
+def test_a_node_whose_vms_have_only_link_ends_needs_no_open_vswitch(lab):
+    """Link ends are QEMU's own sockets: with no OVSDB to reach (a node without Open
+    vSwitch), their VMs start, connect, stop and clean up, and status is clean."""
+    a, b = lab.vm("pve1", "r1"), lab.vm("pve1", "r2")
+    lab.cli("pve1", "link", "add", f"{a}:net1", f"{b}:net1")
+    real = lab.nodes["pve1"]
+    lab.nodes["pve1"] = dataclasses.replace(real, ovsdb=f"unix:{lab.cluster.pve.parent}/no-ovsdb.sock")
+    try:
+        for vmid in (a, b):
+            lab.cli("pve1", "enable", str(vmid))
+            lab.qm("pve1").start(vmid)
+        assert set(lab.sockets("pve1", a)) == {1} and set(lab.sockets("pve1", b)) == {1}
+        status = lab.cli("pve1", "status")  # exit 0: nothing here needs Open vSwitch
+        # (the lab's VMs of earlier tests are stopped)
+        assert re.match(r"\d+ VMs \(2 running\): Open vSwitch not needed, 2 link ends \(2 connected\); ", status.stdout)
+        assert " ok; 0 problems" in status.stdout
+        for vmid in (a, b):
+            task = lab.qm("pve1").stop(vmid)
+            assert [(run.phase, run.returncode) for run in task.hooks] == [("pre-stop", 0), ("post-stop", 0)], task.text
+    finally:
+        lab.nodes["pve1"] = real

@@ -131,10 +131,17 @@ def _declare(settings: Settings, vmid: int, nic: str, rule: Rule, dry_run: bool,
     config = find_vm(settings, vmid).config if needs_vm else None
     enabled = _enabled(settings, vmid)
     # Asked before the cluster lock: nothing slow (starting QEMU) runs while it is held.
-    version = qemu.installed_version() if enabled is not None else None
+    version, no_qemu = None, None
+    if enabled is not None:
+        try:
+            version = qemu.installed_version()
+        except AgentError as err:  # only args with vhost-user NICs depend on QEMU (QinQ, links: not)
+            no_qemu = err
 
     def change(cluster: spec.ClusterSpec) -> spec.ClusterSpec:
         after = rule(cluster, vmid, index, config)
+        if no_qemu is not None and after.for_vm(vmid).nics:
+            raise no_qemu
         if enabled is not None:  # a spec the VM could not start with, or whose args cannot be written, is not written
             sync = sync_for(settings, after.for_vm(vmid), enabled.config, bool(enabled.running), version)
             if not sync.in_sync:

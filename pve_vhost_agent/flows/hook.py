@@ -328,11 +328,18 @@ def _post_stop(ctx: HookContext) -> None:
     # A VM all of whose QinQ is on Linux bridges leaves Open vSwitch alone (the host may
     # have none); anything else of the agent's there is the service's to clean up.
     if not ctx.vm or rest:
-        with _vm_ovsdb(settings, vmid) as db:
-            removal = plan_vm_removal(vmid, db.snapshot())
-            if not removal:
-                ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
-            apply_plan(settings, removal, ctx.log, db=db)
+        try:
+            with _vm_ovsdb(settings, vmid) as db:
+                removal = plan_vm_removal(vmid, db.snapshot())
+                if not removal:
+                    ctx.log.info("Open vSwitch already as planned", extra={"result": "unchanged"})
+                apply_plan(settings, removal, ctx.log, db=db)
+        except OvsUnavailable as err:
+            if ctx.vm and not (rest.ovs_nics or rest.tap_qinq):  # link ends, external NICs: no OVS needed
+                ctx.log.info("Open vSwitch not checked for leftovers (%s); the VM has nothing there", err,
+                             extra={"result": "unchanged"})
+            else:
+                raise
     # QEMU (the server of `ovs` sockets) is gone; a socket file it left is stale. The
     # `external` folder belongs to the external switch: never touched.
     apply_plan(settings, tuple(DelSocket(vmid, str(sock)) for sock in _stale_sockets(settings, vmid)), ctx.log)

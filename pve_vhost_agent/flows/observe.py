@@ -23,10 +23,9 @@ from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
 from pve_vhost_agent.plan.links import has_link_devices
-from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
+from pve_vhost_agent.plan.observed import CLUSTER_FS_PROBLEM, OVSDB_PROBLEM, LocalVm, NodeState, Problem
 from pve_vhost_agent.settings import Settings
 
-OVSDB_PROBLEM, CLUSTER_FS_PROBLEM = "ovsdb", "pmxcfs"  # problems that keep their identity while their words change
 # How the service reads Open vSwitch: given the scope, a snapshot or why there is none.
 OvsReader = Callable[[Scope], "tuple[OvsState | None, Problem | None]"]
 

@@ -2,6 +2,11 @@
 through netlink), a few sysctls, /etc/network/interfaces as declared, and host facts
 (CPUs, memory, installed packages). No I/O here: adapters/hostnet.py reads them,
 formats/interfaces.py parses the file, plan/doctor*.py judge them.
+
+The same netlink dump (adapters/linkstate.py) gives QinQ on Linux bridges its own view,
+model/netdevs.py: links by index with the agent's marks and tc filters, what it changes.
+The doctor's view names masters and lower devices and carries bond and bridge state, what
+it judges; neither needs the other's.
 """
 
 from __future__ import annotations

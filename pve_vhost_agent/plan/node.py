@@ -30,7 +30,7 @@ from pve_vhost_agent.plan import lbqinq
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.argsync import sync_args
 from pve_vhost_agent.plan.links import plan_link_sockets, wanted_sockets
-from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
+from pve_vhost_agent.plan.observed import OVSDB_PROBLEM, LocalVm, NodeState, Problem
 from pve_vhost_agent.plan.ovs import plan_gc, plan_live_vhost_ports, plan_tap_qinq
 
 
@@ -90,6 +90,8 @@ def plan_node(state: NodeState) -> NodePlan:
             except Exception as err:  # noqa: BLE001 - a bug in one VM's planning must not stop the others'
                 problems.append(Problem.of(Unexpected.of(err), vm.vmid))
     problems += [_not_enabled(vm) for vm in state.vms if not vm.enabled and _has_agent_netdevs(vm)]
+    if state.ovs is None and not needs_ovs(state):
+        problems = [p for p in problems if p.key != OVSDB_PROBLEM]  # nothing here is Open vSwitch's
     live = state.running | state.busy
     leftovers = _leftovers(state, live) + _linux_leftovers(state, live) + _stale_sockets(state, live)
     guards.update({a.vmid: False for a in leftovers if getattr(a, "vmid", None) is not None})
@@ -103,6 +105,21 @@ def plan_node(state: NodeState) -> NodePlan:
         tuple(sorted(deferred)),
         tuple(later),
     )
+
+
+def needs_ovs(state: NodeState) -> bool:
+    """Whether an enabled VM of this node has something on Open vSwitch: a vhost-user NIC
+    of the `ovs` backend, or tap QinQ whose bridge is not one of the host's Linux bridges.
+    Link ends, external vhost-user NICs and QinQ on Linux bridges need no Open vSwitch.
+    Unknown (the spec or the host's links unread): it does."""
+    if state.spec is None or state.netdevs is None:
+        return True
+    for vm in state.enabled_vms:
+        spec = state.spec.for_vm(vm.vmid)
+        on_linux = lbqinq.linux_taps(spec, vm.config.section(MAIN), state.netdevs)
+        if spec.ovs_nics or lbqinq.without_taps(spec, on_linux).tap_qinq:
+            return True
+    return False
 
 
 def _has_agent_netdevs(vm: LocalVm) -> bool:

@@ -20,6 +20,9 @@ from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, ClusterSpec
 
 
+OVSDB_PROBLEM, CLUSTER_FS_PROBLEM = "ovsdb", "pmxcfs"  # problems that keep their identity while their words change
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """Something the service cannot fix by itself: one line, problem and fix."""

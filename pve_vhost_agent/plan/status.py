@@ -14,7 +14,7 @@ from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED
 from pve_vhost_agent.model.netdevs import ROLE_TAP
 from pve_vhost_agent.model.ovs import OWNS_PORT, OWNS_VLAN
 from pve_vhost_agent.plan.links import EndSocket, connected_ends, wanted_sockets
-from pve_vhost_agent.plan.node import NodePlan
+from pve_vhost_agent.plan.node import NodePlan, needs_ovs
 from pve_vhost_agent.plan.observed import NodeState, Problem
 
 MAX_PROBLEM_CHARS = 200  # systemctl status shows one line; keep the first problem readable
@@ -27,7 +27,8 @@ def node_summary(state: NodeState, plan: NodePlan, failures: Sequence[Problem] =
         "cluster_fs": state.cluster_fs,
         "vms": len(enabled) if state.cluster_fs != CLUSTER_FS_NOT_MOUNTED else None,
         "running": sum(1 for vm in enabled if vm.vmid in state.running),
-        "ovs": "ok" if state.ovs is not None else "unreachable",
+        # "not needed": unreachable, but no VM here has anything on Open vSwitch
+        "ovs": "ok" if state.ovs is not None else "unreachable" if needs_ovs(state) else "not needed",
         "vhost_ports": None,
         "connected": None,
         "qinq_taps": None,
@@ -57,12 +58,12 @@ def status_line(summary: dict, when: datetime.datetime, label: str = "last pass"
         ports = (f"{_count(summary['vhost_ports'], 'vhost-user port')} ({summary['connected']} connected), "
                  f"{_count(summary['qinq_taps'], 'QinQ tap')}")
     else:
-        ports = "Open vSwitch unreachable" + (f", {_count(summary['qinq_taps'], 'QinQ tap')}"
+        ports = f"Open vSwitch {summary['ovs']}" + (f", {_count(summary['qinq_taps'], 'QinQ tap')}"
                                               if summary["qinq_taps"] else "")
     if summary.get("link_ends"):
         ports += f", {_count(summary['link_ends'], 'link end')} ({summary['links_connected']} connected)"
     problems, pending = summary["problems"], summary["pending"]
-    clean = not problems and not pending and summary["ovs"] == "ok"
+    clean = not problems and not pending and summary["ovs"] != "unreachable"
     parts = [f"{vms}: {ports}", f"{label} {when:%H:%M:%S}{' ok' if clean else ''}"]
     if pending:
         parts.append(f"{_count(len(pending), 'change')} pending")

@@ -16,7 +16,7 @@ from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.formats.qemuargs import merge_agent_args
 from pve_vhost_agent.plan.node import NodePlan, plan_node
-from pve_vhost_agent.plan.observed import LocalVm, NodeState, Problem
+from pve_vhost_agent.plan.observed import OVSDB_PROBLEM, LocalVm, NodeState, Problem
 from pve_vhost_agent.model.spec import Backend, ClusterSpec, QinQ, TapQinQ, VhostNic
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.plan.marks import with_marks
@@ -202,17 +202,23 @@ def test_an_unreadable_spec_still_collects_leftovers():
 # --- tap QinQ on Linux bridges ------------------------------------------------------------
 
 ON_950 = BASE.replace("tag=20", "tag=950")
-NO_OVS = Problem(None, "cannot reach OVSDB at unix:/x (No such file)", 6)
+NO_OVS = Problem(None, "cannot reach OVSDB at unix:/x (No such file)", 6, OVSDB_PROBLEM)
 
 
 def linux_node(*vms, links: LinkState, **kw) -> NodeState:
     return node(*vms, ovs=None, problems=(NO_OVS,), netdevs=links, **kw)
 
 
+TAP_ONLY = ClusterSpec(tap_qinq=SPEC.tap_qinq)  # VM 100's QinQ tap (on vmbr0, a Linux bridge), no vhost-user NIC
+
+
 def test_a_running_vm_on_a_linux_bridge_gets_its_qinq_without_open_vswitch():
-    plan = plan_node(linux_node(config(100, ON_950), running=[100], links=linux_host()))
+    plan = plan_node(linux_node(config(100, ON_950, synced=False), running=[100], links=linux_host(), spec=TAP_ONLY))
     assert [type(a) for a in plan.actions] == [AddSVlanBridge, SetLinuxTapQinQ]
-    assert plan.guards == {100: True} and plan.problems == (NO_OVS,)
+    assert plan.guards == {100: True} and plan.problems == ()  # nothing here needs Open vSwitch: its absence is none
+    # VM 100's vhost-user NIC (ovs backend) needs it: then its absence is the node's problem.
+    plan = plan_node(linux_node(config(100, ON_950), running=[100], links=linux_host()))
+    assert [type(a) for a in plan.actions] == [AddSVlanBridge, SetLinuxTapQinQ] and plan.problems == (NO_OVS,)
 
 
 def test_s_vlan_devices_no_tap_uses_go_unless_a_running_or_starting_vm_needs_them():
@@ -223,9 +229,10 @@ def test_s_vlan_devices_no_tap_uses_go_unless_a_running_or_starting_vm_needs_the
     assert plan.actions == (DelSVlanBridge("vmbr0", 950, "802.1ad", ("vmbr0a950u", "vmbr0a950"), "no QinQ tap uses it"),)
     assert plan.guards == {}
     assert plan_node(linux_node(config(100, ON_950), busy=[100], links=stopped)).actions == ()
-    line = status_line(node_summary(linux_node(config(100, ON_950), running=[100], links=done),
-                                    plan_node(linux_node(config(100, ON_950), running=[100], links=done))), WHEN)
-    assert line.startswith("1 VM (1 running): Open vSwitch unreachable, 1 QinQ tap; last pass 14:02:11; 1 problem")
+    for spec, shown in ((TAP_ONLY, "Open vSwitch not needed, 1 QinQ tap; last pass 14:02:11 ok; 0 problems"),
+                        (SPEC, "Open vSwitch unreachable, 1 QinQ tap; last pass 14:02:11; 1 problem, first: cannot")):
+        running = linux_node(config(100, ON_950, synced=spec is SPEC), running=[100], links=done, spec=spec)
+        assert status_line(node_summary(running, plan_node(running)), WHEN).startswith("1 VM (1 running): " + shown)
 
 
 # --- the status line ----------------------------------------------------------------------
