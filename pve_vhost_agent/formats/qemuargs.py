@@ -49,17 +49,12 @@ class Token:
     end: int
 
 
-def _quoted_end(line: str, pos: int) -> int:
-    """Index of the quote closing the one at `pos`; a backslash always pairs with the next character."""
-    quote, i = line[pos], pos + 1
-    while i < len(line):
-        if line[i] == "\\":
-            i += 2
-        elif line[i] == quote:
-            return i
-        else:
-            i += 1
-    return -1
+# One piece of a word: plain text, a "..." or '...' group (a backslash in it always pairs
+# with the next character, so an escaped quote does not close it), or a backslash and the
+# character it escapes. A word is its pieces glued together.
+_PIECE = re.compile(r"""([^ \t\n\r\f\v"'\\]+)|"([^"\\]*(?:\\.[^"\\]*)*)"|'([^'\\]*(?:\\.[^'\\]*)*)'|\\(.)""", re.S)
+_BLANKS = re.compile(r"[ \t\n\r\f\v]*")
+_ESCAPED = re.compile(r"\\(.)", re.S)
 
 
 def _broken(line: str, pos: int, what: str) -> ConfigConflict:
@@ -78,40 +73,32 @@ def split_args(line: str) -> tuple[Token, ...]:
     trailing backslash makes Perl return no words at all (and `0` is no args to Perl):
     the first is refused here, not silently dropped.
     """
-    for pos, char in enumerate(line):
-        if ord(char) > 127 and char.isspace():
-            raise ConfigConflict(
-                f"the args line has a non-ASCII blank (U+{ord(char):04X}) at character {pos + 1}, "
-                "which Proxmox may or may not read as a separator",
-                "replace it with a plain space in the VM's args",
-            )
+    if not line.isascii():
+        for pos, char in enumerate(line):
+            if ord(char) > 127 and char.isspace():
+                raise ConfigConflict(
+                    f"the args line has a non-ASCII blank (U+{ord(char):04X}) at character {pos + 1}, "
+                    "which Proxmox may or may not read as a separator",
+                    "replace it with a plain space in the VM's args",
+                )
     if line == "0":
         return ()
     tokens: list[Token] = []
     pos, size = 0, len(line)
     while True:
-        while pos < size and line[pos] in WHITESPACE:
-            pos += 1
+        pos = _BLANKS.match(line, pos).end()
         if pos == size:
             return tuple(tokens)
         start, parts = pos, []
         while pos < size and line[pos] not in WHITESPACE:
-            char = line[pos]
-            if char in "\"'":
-                end = _quoted_end(line, pos)
-                if end < 0:
-                    raise _broken(line, pos, "an unbalanced quote")
-                inner = line[pos + 1:end]
-                parts.append(re.sub(r"\\(.)", r"\1", inner, flags=re.S) if char == '"' else inner)
-                pos = end + 1
-            elif char == "\\":
-                if pos + 1 == size:
-                    raise _broken(line, pos, "a trailing backslash")
-                parts.append(line[pos + 1])
-                pos += 2
-            else:
-                parts.append(char)
-                pos += 1
+            piece = _PIECE.match(line, pos)
+            if piece is None:  # an unclosed quote, or a backslash that ends the line
+                raise _broken(line, pos, "a trailing backslash" if line[pos] == "\\" else "an unbalanced quote")
+            plain, double, single, escaped = piece.groups()
+            if double is not None:
+                plain = _ESCAPED.sub(r"\1", double)
+            parts.append(plain if plain is not None else single if single is not None else escaped)
+            pos = piece.end()
         tokens.append(Token("".join(parts), start, pos))
 
 
