@@ -160,19 +160,33 @@ def _option_name(token: Token) -> str | None:
     return None
 
 
-def option_pairs(tokens: Sequence[Token]) -> list[OptionPair]:
-    """The options of `_IMPLIED_KEY` with their values; other words are passed over."""
-    pairs, i = [], 0
+def _option_indices(tokens: Sequence[Token]) -> list[int]:
+    """Where each option of `_IMPLIED_KEY` that has a value stands (its value is the next word)."""
+    found, i = [], 0
     while i < len(tokens):
         if _option_name(tokens[i]) and i + 1 < len(tokens):
-            pairs.append(OptionPair(tokens[i], tokens[i + 1]))
+            found.append(i)
             i += 2
         else:
             i += 1
-    return pairs
+    return found
+
+
+def option_pairs(tokens: Sequence[Token]) -> list[OptionPair]:
+    """The options of `_IMPLIED_KEY` with their values; other words are passed over."""
+    return [OptionPair(tokens[i], tokens[i + 1]) for i in _option_indices(tokens)]
+
+
+def _may_name_agent(value: str) -> bool:
+    """False when no property of `value` can hold a name starting with ARGS_PREFIX: in
+    `key=value,...` every property is written out (`,,` only doubles a comma), so a
+    value without the prefix needs no parsing; JSON may escape it, so it is parsed."""
+    return ARGS_PREFIX in value or value.lstrip().startswith("{")
 
 
 def is_agent_owned(pair: OptionPair) -> bool:
+    if not _may_name_agent(pair.value.text):
+        return False  # each owned pair names vhu-net<N> or vhu-mem
     kind, props = pair.kind, pair.props
     if kind in ("chardev", "netdev", "device"):
         return args_nic_index(props.get("id", "")) is not None
@@ -185,11 +199,10 @@ def is_agent_owned(pair: OptionPair) -> bool:
 
 def _pair_indices(tokens: Sequence[Token], owned_only: bool = True) -> set[int]:
     """Indices of the words in option pairs (the agent-owned ones only, by default)."""
-    index = {token: i for i, token in enumerate(tokens)}  # spans make tokens unique
     found = set()
-    for pair in option_pairs(tokens):
-        if not owned_only or is_agent_owned(pair):
-            found.update((index[pair.option], index[pair.value]))
+    for i in _option_indices(tokens):
+        if not owned_only or is_agent_owned(OptionPair(tokens[i], tokens[i + 1])):
+            found.update((i, i + 1))
     return found
 
 
@@ -203,7 +216,7 @@ def _check_no_swallowed_option(line: str, tokens: Sequence[Token]) -> None:
     word on) took the agent's option as its value, so QEMU would not get that option."""
     paired = _pair_indices(tokens, owned_only=False)
     for i, token in enumerate(tokens):
-        props = {} if i in paired else parse_qemu_opts(token.text)
+        props = {} if i in paired or not _may_name_agent(token.text) else parse_qemu_opts(token.text)
         key = next((k for k in _REFERENCE_KEYS if props.get(k, "").startswith(ARGS_PREFIX)), None)
         if key is not None:
             before = line[tokens[max(i - 2, 0)].start:tokens[i - 1].end] if i else ""
