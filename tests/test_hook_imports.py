@@ -47,3 +47,7 @@ def test_a_pre_start_with_vhost_user_nics_loads_ovs_but_not_the_command_line(pve
     assert result.returncode == 8 and b"cannot make vhost-user ports" in result.stdout, result.stdout
     assert loaded(names, {"ovs.db.idl", "pve_vhost_agent.plan.hook"}) == {"ovs.db.idl", "pve_vhost_agent.plan.hook"}
     assert not loaded(names, NEVER), sorted(loaded(names, NEVER))
+    # The QEMU version is cached now: the next start runs no program and loads no subprocess.
+    result, names = imported(pve_root, "100", "pre-start", PVE_VHOST_AGENT_OVSDB=ovs.remote)
+    assert result.returncode == 8, result.stdout
+    assert not loaded(names, NEVER | {"subprocess", "shutil"}), sorted(loaded(names, NEVER | {"subprocess", "shutil"}))

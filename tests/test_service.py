@@ -27,6 +27,10 @@ import pytest
 
 from fixtures.ovs import _alive, run, start_ovs
 from pve_vhost_agent.adapters.ovsdb import Ovsdb
+from pve_vhost_agent.flows.service import Service
+from pve_vhost_agent.model.actions import AddVhostPort
+from pve_vhost_agent.model.ovs import PortVlan
+from pve_vhost_agent.plan.node import NodePlan
 from pve_vhost_agent.plan.ovs import plan_vhost_ports
 from pve_vhost_agent.model.spec import EtherType, QinQ, TapQinQ, VhostNic, VlanPolicy, VmSpec
 from pve_vhost_agent.adapters.specstore import load_spec, update_spec
@@ -372,6 +376,23 @@ def test_the_service_outlives_ovsdb_server_and_reconnects(node, fresh_ovs, notif
     service.send_signal(signal.SIGTERM)
     assert service.wait(timeout=10) == 0
     assert "Traceback" not in service.stderr.read()
+
+
+def test_a_batch_that_fails_for_one_vm_still_serves_the_others(node):
+    """Many VMs' port changes go in one batch; when it fails for one VM (here a bridge that
+    is gone by the time the batch is written), it is tried again in halves: every other VM
+    gets its port and the failure is that VM's alone, reported once."""
+    node.ovs.vsctl("add-br", VHOST_BRIDGE, "--", "set", "Bridge", VHOST_BRIDGE, "datapath_type=netdev")
+    vmids = list(range(200, 209))
+    actions = tuple(AddVhostPort(f"vhu{vmid}i1", VHOST_BRIDGE if vmid != 205 else f"{PREFIX}gone", vmid, "net1",
+                                 str(node.settings.socket_dir("ovs") / f"vm-{vmid}-1.sock"), PortVlan("access", 10))
+                    for vmid in vmids)
+    with Service(node.settings) as service:
+        state = service.observe(remember=False)
+        failures = service._apply(NodePlan(actions), state)
+    assert [(p.vmid, p.message) for p in failures] == [
+        (205, f"Open vSwitch bridge {PREFIX}gone does not exist; run the command again to create it")]
+    assert node.ports() == [f"vhu{vmid}i1" for vmid in vmids if vmid != 205]
 
 
 # --- (e) the process systemd sees -------------------------------------------------------------------

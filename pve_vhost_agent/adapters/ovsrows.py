@@ -8,6 +8,7 @@ applying cannot make the agent touch a row it does not own.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 from pve_vhost_agent.model.spec import is_decimal
@@ -121,18 +122,28 @@ def read_state(idl: Any, remote: str, port_bridges: Mapping[Any, str] | None = N
 
 
 class TxnView:
-    """The rows of one open transaction, found by name."""
+    """The rows of one open transaction, found by name. Each lookup table is made when a
+    writer first needs it: a bridge's `ports` column alone turns thousands of uuids into rows."""
 
     def __init__(self, idl: Any, txn: Any, remote: str, port_bridges: Mapping[Any, str] | None = None):
         self.idl = idl
         self.txn = txn
         self.root = root_row(idl, remote)
-        self.bridges = {r.name: r for r in idl.tables["Bridge"].rows.values()}
-        self.ports = {r.name: r for r in idl.tables["Port"].rows.values()}
-        if port_bridges is None:
-            self.bridge_of = {p.uuid: b for b in self.bridges.values() for p in b.ports}
-        else:
-            self.bridge_of = {port: self.bridges[name] for port, name in port_bridges.items() if name in self.bridges}
+        self._port_bridges = port_bridges
+
+    @functools.cached_property
+    def bridges(self) -> dict[str, Any]:
+        return {r.name: r for r in self.idl.tables["Bridge"].rows.values()}
+
+    @functools.cached_property
+    def ports(self) -> dict[str, Any]:
+        return {r.name: r for r in self.idl.tables["Port"].rows.values()}
+
+    @functools.cached_property
+    def bridge_of(self) -> dict[Any, Any]:
+        if self._port_bridges is None:
+            return {p.uuid: b for b in self.bridges.values() for p in b.ports}
+        return {port: self.bridges[name] for port, name in self._port_bridges.items() if name in self.bridges}
 
     def insert(self, table: str, **columns: Any) -> Any:
         row = self.txn.insert(self.idl.tables[table])

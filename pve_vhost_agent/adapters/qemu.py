@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 from pve_vhost_agent.adapters import sockets
@@ -22,6 +20,8 @@ def default_binary() -> Path:
     """Proxmox's `/usr/bin/kvm`, else `qemu-system-x86_64` from PATH."""
     if PROXMOX_KVM.exists():
         return PROXMOX_KVM
+    import shutil  # off Proxmox only: a hook on a node never needs it
+
     found = shutil.which(DEBIAN_QEMU)
     if not found:
         raise AgentError(
@@ -91,6 +91,8 @@ def _remember(cache: Path, identity: str, version: tuple[int, int, int]) -> None
 
 
 def _ask(path: Path) -> tuple[int, int, int]:
+    import subprocess  # only when the cached version does not fit: most hooks never start QEMU
+
     try:
         result = subprocess.run(
             [str(path), "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT, check=False

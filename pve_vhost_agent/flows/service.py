@@ -175,8 +175,9 @@ class Service:
 
     def _apply(self, plan: NodePlan, state: NodeState) -> list[Problem]:
         """Args first (one VM at a time: each is its own file), then every VM's port changes
-        together (a few transactions, one wait for ovs-vswitchd). When a batch fails, each
-        VM's part is tried on its own, so one VM's problem stays that VM's."""
+        together (a few transactions, one wait for ovs-vswitchd). When a batch fails, it is
+        tried again in halves, down to single VMs, so one VM's problem stays that VM's (and
+        costs a few transactions, not one per VM)."""
         failures: list[Problem] = []
         args = [a for a in plan.actions if isinstance(a, WriteVmArgs)]
         rest = [a for a in plan.actions if not isinstance(a, WriteVmArgs)]
@@ -187,9 +188,21 @@ class Service:
         if rest and not self.stopping():
             failure = self._apply_part(rest, plan, state)
             if failure and len({getattr(a, "vmid", None) for a in rest}) > 1:
-                failures = failures + [p for part in _by_vm(rest) for p in self._apply_part(part, plan, state)]
+                failures = failures + self._apply_halves(_by_vm(rest), plan, state)
             else:
                 failures += failure
+        return failures
+
+    def _apply_halves(self, parts: list[list[Action]], plan: NodePlan, state: NodeState) -> list[Problem]:
+        """VMs' parts of a batch that failed: each half in one go, a half that fails again
+        split further; a single VM's failure is its own."""
+        if len(parts) == 1:
+            return self._apply_part(parts[0], plan, state)
+        failures: list[Problem] = []
+        middle = len(parts) // 2
+        for half in (parts[:middle], parts[middle:]):
+            if len(half) == 1 or self._apply_part(_joined(half), plan, state):
+                failures += self._apply_halves(half, plan, state)
         return failures
 
     def _apply_part(self, actions: list[Action], plan: NodePlan, state: NodeState) -> list[Problem]:
@@ -247,6 +260,14 @@ def _by_vm(actions: list[Action]) -> list[list[Action]]:
         else:
             parts.setdefault(vmid, list(node_wide)).append(action)
     return [parts[vmid] for vmid in sorted(parts)]
+
+
+def _joined(parts: list[list[Action]]) -> list[Action]:
+    """Several VMs' parts (from `_by_vm`) as one, each node-wide action once."""
+    joined: list[Action] = []
+    for part in parts:
+        joined += [a for a in part if getattr(a, "vmid", None) is not None or a not in joined]
+    return joined
 
 
 def _now() -> datetime.datetime:

@@ -56,9 +56,11 @@ def not_enabled(result: VmArgs) -> NotEnabled:
 
 
 def qemu_version_for(settings: Settings, vm: VmSpec) -> tuple[int, int, int]:
-    """The installed QEMU's version, asked only when `vm`'s args depend on it. Commands ask
-    QEMU itself (hooks and the service keep the answer: see adapters/qemu)."""
-    return qemu.installed_version() if vm.nics else (0, 0, 0)
+    """The installed QEMU's version, asked only when `vm`'s args depend on it: the answer
+    hooks and the service keep (keyed by the binary's identity, see adapters/qemu), else
+    QEMU itself. Commands only read that cache (a dry run writes nothing): `apply --all`
+    and the service's args writes do not start QEMU once per VM."""
+    return qemu.installed_version(cache_dir=settings.run_dir, remember=False) if vm.nics else (0, 0, 0)
 
 
 def sync_for(settings: Settings, vm: VmSpec, config: VmConfig, running: bool,

@@ -49,17 +49,12 @@ class Token:
     end: int
 
 
-def _quoted_end(line: str, pos: int) -> int:
-    """Index of the quote closing the one at `pos`; a backslash always pairs with the next character."""
-    quote, i = line[pos], pos + 1
-    while i < len(line):
-        if line[i] == "\\":
-            i += 2
-        elif line[i] == quote:
-            return i
-        else:
-            i += 1
-    return -1
+# One piece of a word: plain text, a "..." or '...' group (a backslash in it always pairs
+# with the next character, so an escaped quote does not close it), or a backslash and the
+# character it escapes. A word is its pieces glued together.
+_PIECE = re.compile(r"""([^ \t\n\r\f\v"'\\]+)|"([^"\\]*(?:\\.[^"\\]*)*)"|'([^'\\]*(?:\\.[^'\\]*)*)'|\\(.)""", re.S)
+_BLANKS = re.compile(r"[ \t\n\r\f\v]*")
+_ESCAPED = re.compile(r"\\(.)", re.S)
 
 
 def _broken(line: str, pos: int, what: str) -> ConfigConflict:
@@ -78,40 +73,32 @@ def split_args(line: str) -> tuple[Token, ...]:
     trailing backslash makes Perl return no words at all (and `0` is no args to Perl):
     the first is refused here, not silently dropped.
     """
-    for pos, char in enumerate(line):
-        if ord(char) > 127 and char.isspace():
-            raise ConfigConflict(
-                f"the args line has a non-ASCII blank (U+{ord(char):04X}) at character {pos + 1}, "
-                "which Proxmox may or may not read as a separator",
-                "replace it with a plain space in the VM's args",
-            )
+    if not line.isascii():
+        for pos, char in enumerate(line):
+            if ord(char) > 127 and char.isspace():
+                raise ConfigConflict(
+                    f"the args line has a non-ASCII blank (U+{ord(char):04X}) at character {pos + 1}, "
+                    "which Proxmox may or may not read as a separator",
+                    "replace it with a plain space in the VM's args",
+                )
     if line == "0":
         return ()
     tokens: list[Token] = []
     pos, size = 0, len(line)
     while True:
-        while pos < size and line[pos] in WHITESPACE:
-            pos += 1
+        pos = _BLANKS.match(line, pos).end()
         if pos == size:
             return tuple(tokens)
         start, parts = pos, []
         while pos < size and line[pos] not in WHITESPACE:
-            char = line[pos]
-            if char in "\"'":
-                end = _quoted_end(line, pos)
-                if end < 0:
-                    raise _broken(line, pos, "an unbalanced quote")
-                inner = line[pos + 1:end]
-                parts.append(re.sub(r"\\(.)", r"\1", inner, flags=re.S) if char == '"' else inner)
-                pos = end + 1
-            elif char == "\\":
-                if pos + 1 == size:
-                    raise _broken(line, pos, "a trailing backslash")
-                parts.append(line[pos + 1])
-                pos += 2
-            else:
-                parts.append(char)
-                pos += 1
+            piece = _PIECE.match(line, pos)
+            if piece is None:  # an unclosed quote, or a backslash that ends the line
+                raise _broken(line, pos, "a trailing backslash" if line[pos] == "\\" else "an unbalanced quote")
+            plain, double, single, escaped = piece.groups()
+            if double is not None:
+                plain = _ESCAPED.sub(r"\1", double)
+            parts.append(plain if plain is not None else single if single is not None else escaped)
+            pos = piece.end()
         tokens.append(Token("".join(parts), start, pos))
 
 
@@ -173,19 +160,33 @@ def _option_name(token: Token) -> str | None:
     return None
 
 
-def option_pairs(tokens: Sequence[Token]) -> list[OptionPair]:
-    """The options of `_IMPLIED_KEY` with their values; other words are passed over."""
-    pairs, i = [], 0
+def _option_indices(tokens: Sequence[Token]) -> list[int]:
+    """Where each option of `_IMPLIED_KEY` that has a value stands (its value is the next word)."""
+    found, i = [], 0
     while i < len(tokens):
         if _option_name(tokens[i]) and i + 1 < len(tokens):
-            pairs.append(OptionPair(tokens[i], tokens[i + 1]))
+            found.append(i)
             i += 2
         else:
             i += 1
-    return pairs
+    return found
+
+
+def option_pairs(tokens: Sequence[Token]) -> list[OptionPair]:
+    """The options of `_IMPLIED_KEY` with their values; other words are passed over."""
+    return [OptionPair(tokens[i], tokens[i + 1]) for i in _option_indices(tokens)]
+
+
+def _may_name_agent(value: str) -> bool:
+    """False when no property of `value` can hold a name starting with ARGS_PREFIX: in
+    `key=value,...` every property is written out (`,,` only doubles a comma), so a
+    value without the prefix needs no parsing; JSON may escape it, so it is parsed."""
+    return ARGS_PREFIX in value or value.lstrip().startswith("{")
 
 
 def is_agent_owned(pair: OptionPair) -> bool:
+    if not _may_name_agent(pair.value.text):
+        return False  # each owned pair names vhu-net<N> or vhu-mem
     kind, props = pair.kind, pair.props
     if kind in ("chardev", "netdev", "device"):
         return args_nic_index(props.get("id", "")) is not None
@@ -198,11 +199,10 @@ def is_agent_owned(pair: OptionPair) -> bool:
 
 def _pair_indices(tokens: Sequence[Token], owned_only: bool = True) -> set[int]:
     """Indices of the words in option pairs (the agent-owned ones only, by default)."""
-    index = {token: i for i, token in enumerate(tokens)}  # spans make tokens unique
     found = set()
-    for pair in option_pairs(tokens):
-        if not owned_only or is_agent_owned(pair):
-            found.update((index[pair.option], index[pair.value]))
+    for i in _option_indices(tokens):
+        if not owned_only or is_agent_owned(OptionPair(tokens[i], tokens[i + 1])):
+            found.update((i, i + 1))
     return found
 
 
@@ -216,7 +216,7 @@ def _check_no_swallowed_option(line: str, tokens: Sequence[Token]) -> None:
     word on) took the agent's option as its value, so QEMU would not get that option."""
     paired = _pair_indices(tokens, owned_only=False)
     for i, token in enumerate(tokens):
-        props = {} if i in paired else parse_qemu_opts(token.text)
+        props = {} if i in paired or not _may_name_agent(token.text) else parse_qemu_opts(token.text)
         key = next((k for k in _REFERENCE_KEYS if props.get(k, "").startswith(ARGS_PREFIX)), None)
         if key is not None:
             before = line[tokens[max(i - 2, 0)].start:tokens[i - 1].end] if i else ""

@@ -189,22 +189,29 @@ def _vlan_depth(ovs: OvsState, vhost: list, taps: list) -> Iterator[Finding]:
 
 def _uplink_mtus(vhost: list[tuple[LocalVm, VhostNic]], taps: list, ovs: OvsState, net: HostNet) -> Iterator[Finding]:
     """Every uplink of a declared NIC's bridge must carry the NIC's MTU (plus the S-tag for QinQ)."""
+    uplinks: dict[str, list] = {}  # bridge -> its uplinks, found once (a node has thousands of NICs)
+
+    def of(bridge: str) -> list:
+        if bridge not in uplinks:
+            uplinks[bridge] = list(_ovs_uplinks(bridge, ovs, net))
+        return uplinks[bridge]
+
     for vm, nic in vhost:
         mtu = nic.mtu or DEFAULT_MTU
         yield from _uplinks_short(f"VM {vm.vmid} {nic.name}", nic.bridge, mtu, QINQ_HEADER if nic.vlan.qinq else 0,
-                                  ovs, net)
+                                  of(nic.bridge))
     for vm, tap in taps:
         value = vm.config.effective().get(tap.name, "")
         bridge = parse_net(tap.index, value).bridge
         own = net.link(bridge)
         # Proxmox gives a tap without `mtu=` its bridge's MTU.
         mtu = mtu_of(value) or (own.mtu if own is not None else DEFAULT_MTU)
-        yield from _uplinks_short(f"VM {vm.vmid} {tap.name}", bridge, mtu, QINQ_HEADER, ovs, net)
+        yield from _uplinks_short(f"VM {vm.vmid} {tap.name}", bridge, mtu, QINQ_HEADER, of(bridge))
 
 
-def _uplinks_short(subject: str, bridge: str, mtu: int, extra: int, ovs: OvsState, net: HostNet) -> Iterator[Finding]:
+def _uplinks_short(subject: str, bridge: str, mtu: int, extra: int, uplinks: list) -> Iterator[Finding]:
     need = mtu + extra
-    for name, have, where in _ovs_uplinks(bridge, ovs, net):
+    for name, have, where in uplinks:
         if have < need:
             why = f"MTU {mtu} + {extra} for the S-tag" if extra else f"its MTU {mtu}"
             yield Finding(Severity.ERROR, subject,
