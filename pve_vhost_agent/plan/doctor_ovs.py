@@ -24,7 +24,7 @@ OVS = "Open vSwitch"
 DPDK_VSWITCHD = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
 SWITCH_TO_DPDK = ("apt install openvswitch-switch-dpdk; update-alternatives --set ovs-vswitchd "
                   f"{DPDK_VSWITCHD}; systemctl restart openvswitch-switch")
-MEMPOOL_RING = "librte-mempool-ring"  # DPDK's ring mempool driver: librte-mempool-ring23 on Debian 12
+MEMPOOL_RING = "librte-mempool-ring"  # DPDK's ring mempool driver: ...-ring23 on Debian 12, ...-ring25 on 13
 DEFAULT_MTU = 1500
 SMALL_HOST_CPUS = 8
 SMALL_HOST_KIB = 32 * 1024 * 1024
@@ -85,8 +85,8 @@ def _dpdk(ovs: OvsState | None, facts: HostFacts | None) -> Iterator[Finding]:
                           "DPDK's ring mempool driver is not installed (the dpdk package only recommends it): "
                           "ovs-vswitchd logs `Failed to create mempool` when a guest starts its NIC, and the port "
                           "passes no traffic although it may show connected",
-                          f"apt install {MEMPOOL_RING}23 (Debian 12; `apt-cache search {MEMPOOL_RING}` names it on "
-                          "other releases), then systemctl restart openvswitch-switch", "dpdk-mempool-ring")
+                          f"apt install {MEMPOOL_RING}23 (Proxmox VE 8, Debian 12) or {MEMPOOL_RING}25 (Proxmox VE 9, "
+                          "Debian 13), then systemctl restart openvswitch-switch", "dpdk-mempool-ring")
     if ovs is None:
         return
     init = ovs.other_config.get("dpdk-init", "")

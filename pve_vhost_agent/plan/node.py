@@ -111,10 +111,14 @@ def needs_ovs(state: NodeState) -> bool:
     """Whether an enabled VM of this node has something on Open vSwitch: a vhost-user NIC
     of the `ovs` backend, or tap QinQ whose bridge is not one of the host's Linux bridges.
     Link ends, external vhost-user NICs and QinQ on Linux bridges need no Open vSwitch.
-    Unknown (the spec or the host's links unread): it does."""
+    Unknown (the spec or the host's links unread), or no VM here declares anything (an
+    outage of a switch nothing uses yet is still news): it does."""
     if state.spec is None or state.netdevs is None:
         return True
-    for vm in state.enabled_vms:
+    declared = [vm for vm in state.enabled_vms if state.spec.for_vm(vm.vmid)]
+    if not declared:
+        return True
+    for vm in declared:
         spec = state.spec.for_vm(vm.vmid)
         on_linux = lbqinq.linux_taps(spec, vm.config.section(MAIN), state.netdevs)
         if spec.ovs_nics or lbqinq.without_taps(spec, on_linux).tap_qinq:
