@@ -13,11 +13,13 @@ A plan is a tuple of these. Each one says itself in two ways, and only these:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pve_vhost_agent.model.netdevs import Placement, SVlanBridge
 from pve_vhost_agent.model.ovs import PortVlan
 from pve_vhost_agent.model.spec import QinQ, VlanPolicy
+
+if TYPE_CHECKING:  # field types only: a start without QinQ taps on Linux bridges never loads them
+    from pve_vhost_agent.model.netdevs import Placement, SVlanBridge
 
 OVS = "ovs"  # through one OVSDB transaction per step
 FILES = "files"  # folders, socket files and VM configs
@@ -27,6 +29,8 @@ QMP = "qmp"  # a running QEMU, through its QMP socket
 
 @dataclasses.dataclass(frozen=True)
 class Action:
+    """One change the agent makes (see the module's note)."""
+
     target: ClassVar[str] = OVS
     barrier: ClassVar[bool] = False
     # The fields every action may have, in the order journald shows them.
