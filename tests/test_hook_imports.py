@@ -17,7 +17,7 @@ NEVER = {"click", "_ssl", "pyroute2", "hashlib", "pve_vhost_agent.cli.nic", "pve
 # Only a VM with QinQ taps (which may be on a Linux bridge) or link ends loads these.
 TAPS_AND_LINKS = {"pve_vhost_agent.flows.lbqinq", "pve_vhost_agent.plan.lbqinq", "pve_vhost_agent.adapters.linkstate",
                   "pve_vhost_agent.model.netdevs", "pve_vhost_agent.flows.links", "pve_vhost_agent.plan.links",
-                  "pve_vhost_agent.model.links"}
+                  "pve_vhost_agent.model.links", "pve_vhost_agent.model.lbactions", "pve_vhost_agent.model.linkactions"}
 
 
 def imported(pve_root, vmid: str, phase: str, **env) -> tuple[subprocess.CompletedProcess, set[str]]:
