@@ -49,6 +49,8 @@ def check_ovsdb(remote: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """The agent's configuration, built once at the entry point and passed down."""
+
     root: Path = Path("/")
     ovsdb: str = DEFAULT_OVSDB
     node: str = dataclasses.field(default_factory=local_node_name)

@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from pve_vhost_agent.formats.vmconfig import VmConfig
-from pve_vhost_agent.model.actions import AddSVlanBridge, SetLinuxTapQinQ
+from pve_vhost_agent.model.lbactions import AddSVlanBridge, SetLinuxTapQinQ
 from pve_vhost_agent.model.netdevs import (
     ETH_P_8021AD, ETH_P_8021Q, ROLE_PEER, ROLE_SBRIDGE, ROLE_SVLAN, ROLE_TAP, ROLE_TRUNK, BridgeVlan, LinkInfo, LinkMark,
     LinkState, SVlanBridge, TcFilter, filter_rules,

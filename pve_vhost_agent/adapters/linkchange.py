@@ -22,7 +22,8 @@ from pve_vhost_agent.adapters import tapfilter
 from pve_vhost_agent.adapters.filelock import flocked
 from pve_vhost_agent.adapters.linkstate import VLAN_INFO_PVID, VLAN_INFO_UNTAGGED, observe
 from pve_vhost_agent.errors import AgentError, AgentTimeout, NetworkRefused, NotFound
-from pve_vhost_agent.model.actions import Action, AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
+from pve_vhost_agent.model.actions import Action
+from pve_vhost_agent.model.lbactions import AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
 from pve_vhost_agent.model.netdevs import (
     ROLE_PEER, ROLE_SBRIDGE, ROLE_SVLAN, ROLE_TAP, ROLE_TRUNK, TPID, BridgeVlan, LinkInfo, LinkMark, SVlanBridge,
     filter_rules, svlan_key,

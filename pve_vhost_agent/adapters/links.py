@@ -21,7 +21,7 @@ from pve_vhost_agent.errors import AgentError
 from pve_vhost_agent.formats.corosync import node_addresses
 from pve_vhost_agent.formats.qemunet import running_links
 from pve_vhost_agent.model import names
-from pve_vhost_agent.model.actions import ConnectLink, DisconnectLink
+from pve_vhost_agent.model.linkactions import ConnectLink, DisconnectLink
 from pve_vhost_agent.model.links import LinkFacts, RunningLinks
 from pve_vhost_agent.model.names import Address
 from pve_vhost_agent.settings import Settings

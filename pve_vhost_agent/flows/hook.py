@@ -42,7 +42,6 @@ from pve_vhost_agent.adapters.host import read_host_memory, read_links, unix_soc
 from pve_vhost_agent.adapters.journal import context_logger, setup_logging
 from pve_vhost_agent.adapters.specstore import load_vm_spec
 from pve_vhost_agent.errors import AgentError, AgentTimeout, ExitCode, NotFound, OvsRefused, OvsUnavailable, UsageError
-from pve_vhost_agent.flows import lbqinq
 from pve_vhost_agent.flows.apply import Applied, apply_plan
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import MAIN, VmConfig
@@ -88,6 +87,8 @@ class HookCall:
 
 @dataclasses.dataclass(frozen=True)
 class HookContext:
+    """One phase's call, settings, VM spec, config and logger."""
+
     settings: Settings
     call: HookCall
     vm: VmSpec
@@ -219,8 +220,12 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
 def _pre_start(ctx: HookContext) -> None:
     settings, vm = ctx.settings, ctx.vm
     config = _config_at_start(ctx)
-    netdevs = lbqinq.start_links(vm)
-    ovs_part = lbqinq.ovs_part(vm, start_config(config, ctx.call.migrated_from).values, netdevs)
+    netdevs, ovs_part = None, vm
+    if vm.tap_qinq:
+        from pve_vhost_agent.flows import lbqinq  # netlink: only QinQ taps may be on a Linux bridge
+
+        netdevs = lbqinq.start_links(vm)
+        ovs_part = lbqinq.ovs_part(vm, start_config(config, ctx.call.migrated_from).values, netdevs)
     needs_ovs = bool(ovs_part.tap_qinq or vm.ovs_nics)
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(_vm_ovsdb(settings, vm.vmid)) if needs_ovs else None
@@ -296,7 +301,10 @@ def _undo_start(ctx: HookContext, db: Ovsdb | None, applied: Applied) -> None:
 def _post_start(ctx: HookContext) -> None:
     start = start_config(ctx.config, ctx.call.migrated_from) if ctx.config else None
     vm = served_spec(ctx.vm, start) if start else ctx.vm
-    vm = lbqinq.post_start(ctx.settings, vm, start.values if start else {}, ctx.log)
+    if vm.tap_qinq:
+        from pve_vhost_agent.flows import lbqinq  # netlink: only QinQ taps may be on a Linux bridge
+
+        vm = lbqinq.post_start(ctx.settings, vm, start.values if start else {}, ctx.log)
     if vm.links:
         from pve_vhost_agent.flows import links as vm_links  # only a VM with link ends needs QMP
 
@@ -324,7 +332,11 @@ def _pre_stop(ctx: HookContext) -> None:
 def _post_stop(ctx: HookContext) -> None:
     vmid, settings = ctx.call.vmid, ctx.settings
     running = ctx.config.section(MAIN) if ctx.config else {}
-    rest = lbqinq.post_stop(settings, ctx.vm, running, ctx.log)
+    rest = ctx.vm
+    if rest.tap_qinq:
+        from pve_vhost_agent.flows import lbqinq  # netlink: only QinQ taps may be on a Linux bridge
+
+        rest = lbqinq.post_stop(settings, ctx.vm, running, ctx.log)
     # A VM all of whose QinQ is on Linux bridges leaves Open vSwitch alone (the host may
     # have none); anything else of the agent's there is the service's to clean up.
     if not ctx.vm or rest:

@@ -21,6 +21,8 @@ SNIPPETS = "snippets"
 
 @dataclasses.dataclass(frozen=True)
 class Storage:
+    """A storage of storage.cfg: its type, path and content folders."""
+
     kind: str  # dir, nfs, lvm, ...
     path: str | None = None
     content_dirs: tuple[tuple[str, str], ...] = ()  # (content type, folder relative to path)

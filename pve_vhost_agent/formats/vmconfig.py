@@ -49,6 +49,8 @@ def with_tag(value: str, tag: str, present: bool) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Line:
+    """One line of a VM config and where it belongs."""
+
     text: str  # without its newline
     section: str  # the section it belongs to: main, pending, special:NAME, snapshot:NAME
     part: int  # which header opened it (0: main); Proxmox keeps the last of repeated headers

@@ -7,7 +7,9 @@ A plan is a tuple of these. Each one says itself in two ways, and only these:
   the details), never a repr.
 `repr()` stays the exact value for tests. Which adapter applies an action is its
 `target` (OVSDB, files, netlink); `barrier` marks an OVS change the next one depends on
-(ovs-vswitchd must have applied it first).
+(ovs-vswitchd must have applied it first). The actions of QinQ on Linux bridges are in
+model/lbactions.py and those of link ends in model/linkactions.py: a start loads them only
+for a VM that has such NICs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from pve_vhost_agent.model.netdevs import Placement, SVlanBridge
 from pve_vhost_agent.model.ovs import PortVlan
-from pve_vhost_agent.model.spec import QinQ, VlanPolicy
+
 
 OVS = "ovs"  # through one OVSDB transaction per step
 FILES = "files"  # folders, socket files and VM configs
@@ -27,6 +28,8 @@ QMP = "qmp"  # a running QEMU, through its QMP socket
 
 @dataclasses.dataclass(frozen=True)
 class Action:
+    """One change the agent makes (see the module's note)."""
+
     target: ClassVar[str] = OVS
     barrier: ClassVar[bool] = False
     # The fields every action may have, in the order journald shows them.
@@ -49,7 +52,7 @@ class Action:
         return out
 
 
-def _because(reason: str) -> str:
+def because(reason: str) -> str:
     return f" ({reason})" if reason else ""
 
 
@@ -249,7 +252,7 @@ class RestoreTapVlan(Action):
     reason: str = ""  # why now, when it is not the VM's own stop
 
     def sentence(self) -> str:
-        return f"give {self.port} back Proxmox's VLAN settings: {self.vlan.describe()}{_because(self.reason)}"
+        return f"give {self.port} back Proxmox's VLAN settings: {self.vlan.describe()}{because(self.reason)}"
 
     def details(self) -> dict[str, Any]:
         return {**_vlan_fields(self.vlan), "reason": self.reason}
@@ -265,92 +268,10 @@ class DelPort(Action):
     reason: str = ""  # why now, when it is not the VM's own stop
 
     def sentence(self) -> str:
-        return f"remove vhost-user port {self.port} from {self.bridge or 'Open vSwitch'}{_because(self.reason)}"
+        return f"remove vhost-user port {self.port} from {self.bridge or 'Open vSwitch'}{because(self.reason)}"
 
     def details(self) -> dict[str, Any]:
         return {"reason": self.reason}
-
-
-# --- Linux bridges (netlink) ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AddSVlanBridge(Action):
-    """The agent's devices for one S-VLAN of a Proxmox Linux bridge (each may exist)."""
-
-    svlan: SVlanBridge
-    target: ClassVar[str] = NETLINK
-
-    @property
-    def bridge(self) -> str:
-        return self.svlan.bridge
-
-    def sentence(self) -> str:
-        return f"create S-VLAN bridge {self.svlan.name()} for {self.bridge}: {self.svlan.describe()}"
-
-    def details(self) -> dict[str, Any]:
-        return {"sbridge": self.svlan.name(), "stag": self.svlan.stag, "qinq_ethtype": self.svlan.ethertype.value,
-                "lower": self.svlan.lower, "mtu": self.svlan.mtu if self.svlan.through_bridge else None}
-
-
-@dataclasses.dataclass(frozen=True)
-class SetLinuxTapQinQ(Action):
-    """Proxmox's tap on a Linux bridge made a QinQ port: marked with where Proxmox had
-    plugged it (`saved`), given the C-VLAN filters, plugged into `master`."""
-
-    port: str
-    vmid: int
-    nic: str
-    bridge: str  # the NIC's bridge in the VM config
-    qinq: QinQ
-    master: str
-    saved: Placement
-    target: ClassVar[str] = NETLINK
-
-    def sentence(self) -> str:
-        return (f"make Proxmox's {self.port} a QinQ port: {VlanPolicy(qinq=self.qinq).describe()}, in {self.master} "
-                f"(Proxmox plugged it into {self.saved.describe()})")
-
-    def details(self) -> dict[str, Any]:
-        return {"stag": self.qinq.stag, "cvlans": ",".join(map(str, self.qinq.cvlans)),
-                "qinq_ethtype": self.qinq.ethertype.value, "master": self.master, "saved": self.saved.describe()}
-
-
-@dataclasses.dataclass(frozen=True)
-class RestoreLinuxTap(Action):
-    """Give Proxmox's tap back where Proxmox had plugged it; drop the agent's filters and mark."""
-
-    port: str
-    saved: Placement
-    vmid: int | None = None
-    reason: str = ""  # why now, when it is not the VM's own stop
-    target: ClassVar[str] = NETLINK
-
-    def sentence(self) -> str:
-        return f"give {self.port} back to {self.saved.describe()}{_because(self.reason)}"
-
-    def details(self) -> dict[str, Any]:
-        return {"saved": self.saved.describe(), "reason": self.reason}
-
-
-@dataclasses.dataclass(frozen=True)
-class DelSVlanBridge(Action):
-    """Remove the agent's devices of one S-VLAN once no QinQ tap uses them (checked again
-    under the netdev lock when applied)."""
-
-    bridge: str
-    stag: int
-    ethertype: str
-    devices: tuple[str, ...]
-    reason: str = ""
-    target: ClassVar[str] = NETLINK
-
-    def sentence(self) -> str:
-        return f"remove {', '.join(self.devices)} (S-tag {self.stag} of {self.bridge}){_because(self.reason)}"
-
-    def details(self) -> dict[str, Any]:
-        return {"stag": self.stag, "qinq_ethtype": self.ethertype, "devices": ",".join(self.devices),
-                "reason": self.reason}
 
 
 # --- files --------------------------------------------------------------------------------
@@ -398,56 +319,6 @@ class WriteVmArgs(Action):
 
     def details(self) -> dict[str, Any]:
         return {"reason": self.reason}
-
-
-# --- a running QEMU ---------------------------------------------------------------------
-
-
-def _address(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectLink(Action):
-    """Give link end `nic` of running VM `vmid` a UDP socket bound to `local` and connected
-    to `remote` (the peer end), in place of the sockets named in `replaces`."""
-
-    vmid: int
-    nic: str
-    local: tuple[str, int]
-    remote: tuple[str, int]
-    peer: str  # the peer end, e.g. 101:net3
-    peer_node: str
-    replaces: tuple[str, ...] = ()  # netdev ids of the sockets it had
-    target: ClassVar[str] = QMP
-
-    def sentence(self) -> str:
-        verb = "re-point" if self.replaces else "connect"
-        return (f"{verb} link {self.nic} to {self.peer} on {self.peer_node} "
-                f"({_address(self.local)} -> {_address(self.remote)})")
-
-    def details(self) -> dict[str, Any]:
-        return {"peer": self.peer, "peer_node": self.peer_node, "local": _address(self.local),
-                "remote": _address(self.remote), "replaces": ",".join(self.replaces)}
-
-
-@dataclasses.dataclass(frozen=True)
-class DisconnectLink(Action):
-    """Remove the UDP sockets `netdevs` from link end `nic` of running VM `vmid` (its
-    device stays until the VM's next start, dark)."""
-
-    vmid: int
-    nic: str
-    netdevs: tuple[str, ...]
-    reason: str
-    target: ClassVar[str] = QMP
-
-    def sentence(self) -> str:
-        return f"disconnect link {self.nic}{_because(self.reason)}"
-
-    def details(self) -> dict[str, Any]:
-        return {"netdevs": ",".join(self.netdevs), "reason": self.reason}
 
 
 OVS_ACTIONS = (SetVlanLimit, EnsureDatapath, DropDatapath, CheckVlanHeaders, EnsureBridge, AddVhostPort,

@@ -36,6 +36,8 @@ def number(text: str, what: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class NicField:
+    """One NIC field: its name, spec file key and option, how it is read, its default."""
+
     name: str  # VhostNic attribute and NicChange key
     key: str  # spec file key and --option
     read: Callable[[str], Any]  # text (command line or spec file) -> value; SpecError when bad

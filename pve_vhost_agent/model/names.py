@@ -24,14 +24,14 @@ class VmNicName:
         for field in ("vmid", "index"):
             # Bounded: a name of 5,000 digits is not one of these (and int() would refuse it).
             pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>[0-9]{{1,{MAX_DIGITS}}})")
-        self._pattern = re.compile(pattern)
+        self._pattern = pattern  # compiled at its first parse (re's cache): most never parse
 
     def __call__(self, vmid: int | None = None, index: int = 0) -> str:
         return self.template.format(vmid=vmid, index=index)
 
     def parse(self, name: str) -> tuple[int | None, int] | None:
         """(vmid, index) for a name this template makes; None for anything else."""
-        match = self._pattern.fullmatch(name)
+        match = re.fullmatch(self._pattern, name)
         if not match:
             return None
         fields = match.groupdict()
@@ -53,9 +53,12 @@ ARGS_PREFIX = "vhu-"  # every id or reference in args starting with this is the 
 ARGS_MEMORY_ID = "vhu-mem"  # the shared guest memory backend
 LINK_HUB_BASE = 1000  # a link end netN's device sits on QEMU hub 1000+N (hub ids 1000-1031)
 
+# Patterns are kept as text: re compiles (and caches) each at its first use, so a hook pays
+# only for those its VM needs.
+
 # Guest-side devices Proxmox makes (VM taps, container veths, firewall links): never uplinks.
-_GUEST_DEVICE = re.compile(r"(tap|veth|fwln|fwpr)[0-9]+[iop][0-9]+")
-_FIREWALL_BRIDGE = re.compile(r"fwbr[0-9]+i[0-9]+")  # pve-common's bridge between a tap and its firewall
+_GUEST_DEVICE = r"(tap|veth|fwln|fwpr)[0-9]+[iop][0-9]+"
+_FIREWALL_BRIDGE = r"fwbr[0-9]+i[0-9]+"  # pve-common's bridge between a tap and its firewall
 
 MAX_IFNAME = 15  # the kernel's limit for a network device name (IFNAMSIZ 16, with the NUL)
 
@@ -70,7 +73,7 @@ SVLAN_ROLES = {
     "p": "veth peer",  # the S-VLAN device's lower device on that path
 }
 _TPID_LETTER = {"802.1ad": "a", "802.1q": "q"}
-_SVLAN_NAME = re.compile(r"(?P<bridge>.+)(?P<tpid>[aq])(?P<stag>[1-9][0-9]{0,3})(?P<role>[utp]?)")
+_SVLAN_NAME = r"(?P<bridge>.+)(?P<tpid>[aq])(?P<stag>[1-9][0-9]{0,3})(?P<role>[utp]?)"
 
 HOOK_NAME = "pve-vhost-agent"  # the hookscript's file name in a storage's snippets/
 
@@ -115,12 +118,12 @@ def args_nic_index(ident: str) -> int | None:
 
 def is_guest_device(name: str) -> bool:
     """A device Proxmox made for a guest (tap, veth, firewall link), never a host uplink."""
-    return bool(_GUEST_DEVICE.fullmatch(name))
+    return bool(re.fullmatch(_GUEST_DEVICE, name))
 
 
 def is_firewall_bridge(name: str) -> bool:
     """`fwbr<vmid>i<N>`: Proxmox put the NIC's firewall between its tap and the bridge."""
-    return bool(_FIREWALL_BRIDGE.fullmatch(name))
+    return bool(re.fullmatch(_FIREWALL_BRIDGE, name))
 
 
 def svlan_device(bridge: str, ethertype: str, stag: int, role: str = "") -> str:
@@ -134,7 +137,7 @@ def svlan_device(bridge: str, ethertype: str, stag: int, role: str = "") -> str:
 
 def parse_svlan_device(name: str) -> tuple[str, str, int, str] | None:
     """(bridge, ethertype, S-tag, role) of a name `svlan_device` makes; None otherwise."""
-    match = _SVLAN_NAME.fullmatch(name)
+    match = re.fullmatch(_SVLAN_NAME, name)
     if not match:
         return None
     ethertype = next(e for e, letter in _TPID_LETTER.items() if letter == match["tpid"])
@@ -165,7 +168,7 @@ def vm_port_names(vmid: int) -> tuple[str, ...]:
 
 # --- VM-to-VM links ------------------------------------------------------------------
 
-_END = re.compile(r"([0-9]{1,9}):net([0-9]{1,2})")
+_END = r"([0-9]{1,9}):net([0-9]{1,2})"
 
 
 def end_name(vmid: int, index: int) -> str:
@@ -175,7 +178,7 @@ def end_name(vmid: int, index: int) -> str:
 
 def parse_end_name(text: str) -> tuple[int, int] | None:
     """`100:net2` -> (100, 2); None for anything `end_name` does not make."""
-    match = _END.fullmatch(text.strip())
+    match = re.fullmatch(_END, text.strip())
     if not match:
         return None
     vmid, index = int(match[1]), int(match[2])
@@ -191,8 +194,8 @@ def link_hub(index: int) -> int:
 # `vhu-udp<N>-<local>-<remote>` (the socket) on hub port `vhu-hup<N>-<local>-<remote>`,
 # each address written as <hex of the IP>-<port>, so QEMU's own list of netdevs says
 # where each end points.
-_LINK_NETDEV = re.compile(r"vhu-(udp|hup)([0-9]{1,2})-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})"
-                          r"-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})")
+_LINK_NETDEV = (r"vhu-(udp|hup)([0-9]{1,2})-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})"
+                r"-([0-9a-f]{8}|[0-9a-f]{32})-([0-9]{1,5})")
 Address = tuple[str, int]  # (IP address as text, UDP port)
 
 
@@ -212,7 +215,7 @@ def link_netdevs(index: int, local: Address, remote: Address) -> tuple[str, str]
 
 def parse_link_netdev(name: str) -> tuple[str, int, Address, Address] | None:
     """('udp' or 'hup', N, local, remote) for an id `link_netdevs` makes; None otherwise."""
-    match = _LINK_NETDEV.fullmatch(name)
+    match = re.fullmatch(_LINK_NETDEV, name)
     if not match:
         return None
     kind, index = match[1], int(match[2])

@@ -8,6 +8,8 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Note:
+    """One line for the task log: a check that passed, or a warning."""
+
     text: str
     check: str  # the check that says it (journald's ACTION), e.g. CheckArgs, CheckTapLinks
     nic: str = ""

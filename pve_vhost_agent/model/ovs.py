@@ -154,6 +154,8 @@ class PortVlan:
 
 @dataclasses.dataclass(frozen=True)
 class OvsInterface:
+    """An OVS Interface row: the columns the agent reads."""
+
     name: str
     type: str = ""
     options: FrozenMap = FrozenMap()
@@ -173,6 +175,8 @@ class OvsInterface:
 
 @dataclasses.dataclass(frozen=True)
 class OvsPort:
+    """An OVS Port row with its bridge, VLAN settings and interfaces."""
+
     name: str
     bridge: str = ""  # '' when no bridge lists the port
     vlan: PortVlan = PortVlan()
@@ -205,6 +209,8 @@ class OvsPort:
 
 @dataclasses.dataclass(frozen=True)
 class OvsBridge:
+    """An OVS Bridge row: the columns the agent reads."""
+
     name: str
     datapath_type: str = ""  # '' means `system` (the kernel datapath)
     external_ids: FrozenMap = FrozenMap()

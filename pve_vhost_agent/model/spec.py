@@ -27,8 +27,9 @@ DEFAULT_QUEUE_SIZE = 1024  # the TNSR recipe's advice for vhost-user NICs
 
 # Linux interface names: at most 15 characters. OVS port and bridge names become
 # interface names, and they end up in QEMU option strings: keep them to a safe set.
-_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
-_MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+# Patterns are kept as text: re compiles (and caches) each at its first use.
+_IFNAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}"
+_MAC = r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}"
 
 
 class Backend(str, enum.Enum):
@@ -258,7 +259,7 @@ class LinkEnd(NicEntry):
                 and other.peer_port == self.port and other.mtu == self.mtu)
 
 
-_VOLUME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*:snippets/[A-Za-z0-9._+-]+")
+_VOLUME = r"[A-Za-z][A-Za-z0-9._-]*:snippets/[A-Za-z0-9._+-]+"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +272,7 @@ class ChainedHook:
 
     def __post_init__(self) -> None:
         check_vmid(self.vmid)
-        if not isinstance(self.hookscript, str) or not _VOLUME.fullmatch(self.hookscript):
+        if not isinstance(self.hookscript, str) or not re.fullmatch(_VOLUME, self.hookscript):
             raise SpecError(
                 f"hookscript {self.hookscript!r} is not a snippet volume id",
                 "write it as <storage>:snippets/<file>, e.g. local:snippets/hook.pl",
@@ -474,14 +475,14 @@ def format_vlan_list(vids: Iterable[int]) -> str:
     return ",".join(out)
 
 
-_SOCKET_PATH = re.compile(r"/[A-Za-z0-9_./:+-]+")
+_SOCKET_PATH = r"/[A-Za-z0-9_./:+-]+"
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
 
 
 def check_socket_path(path: str) -> str:
     """An absolute unix socket path that QEMU's option syntax and Proxmox's split of `args:`
     read as written: no comma, `=`, quote, blank or `..` (refused, never escaped)."""
-    if (not isinstance(path, str) or not _SOCKET_PATH.fullmatch(path) or "/../" in f"{path}/"
+    if (not isinstance(path, str) or not re.fullmatch(_SOCKET_PATH, path) or "/../" in f"{path}/"
             or len(path.encode()) > MAX_SOCKET_PATH):
         raise SpecError(f"socket path {str(path)[:120]!r} is not an absolute path of at most {MAX_SOCKET_PATH} bytes "
                         "from A-Z a-z 0-9 _ . / : + -", "give the path the vhost-user server listens on, e.g. "
@@ -490,7 +491,7 @@ def check_socket_path(path: str) -> str:
 
 
 def check_ifname(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _IFNAME.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(_IFNAME, name):
         raise SpecError(
             f"{what} name {name!r} is not a valid interface name",
             "use 1-15 characters from A-Z a-z 0-9 _ . - (no comma, =, quote or space)",
@@ -500,7 +501,7 @@ def check_ifname(name: str, what: str) -> str:
 
 def check_mac(mac: str) -> str:
     """A unicast, non-zero MAC in upper-case colon form (the form Proxmox writes)."""
-    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
+    if not isinstance(mac, str) or not re.fullmatch(_MAC, mac):
         raise SpecError(f"MAC {mac!r} is malformed", "write it as six hex pairs, e.g. 02:00:00:12:34:56")
     octets = bytes(int(x, 16) for x in mac.split(":"))
     if octets == bytes(6):
@@ -510,12 +511,12 @@ def check_mac(mac: str) -> str:
     return mac.upper()
 
 
-_MAC_PREFIX = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){0,4}")
+_MAC_PREFIX = r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){0,4}"
 
 
 def check_mac_prefix(prefix: str) -> str:
     """A `mac_prefix` as /etc/pve/datacenter.cfg gives it: one to five octets, unicast."""
-    if not _MAC_PREFIX.fullmatch(prefix) or int(prefix[:2], 16) & 0x01:
+    if not re.fullmatch(_MAC_PREFIX, prefix) or int(prefix[:2], 16) & 0x01:
         raise SpecError(f"mac_prefix {prefix[:40]!r} in datacenter.cfg is not a unicast MAC prefix",
                         "fix it in Datacenter > Options > MAC address prefix, e.g. BC:24:11")
     return prefix.upper()

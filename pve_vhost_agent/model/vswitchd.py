@@ -16,6 +16,8 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Activity:
+    """How busy ovs-vswitchd's main thread has been."""
+
     pid: int
     cpu_ticks: int  # user + system time of its main thread, in clock ticks
 

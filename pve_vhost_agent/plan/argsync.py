@@ -117,6 +117,8 @@ def describe_changes(current: tuple[str, ...], planned: tuple[str, ...]) -> tupl
 
 @dataclasses.dataclass
 class _ArgsView:
+    """What the agent's part of an args line says: the memory backend and each NIC's options."""
+
     memory: str = ""  # the backend's size, e.g. 4096M ('' when there is none)
     nics: dict[int, dict[tuple[str, str], str]] = dataclasses.field(default_factory=dict)  # (option, key) -> value
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from pve_vhost_agent.errors import AgentError, ConfigConflict, OvsUnavailable
 from pve_vhost_agent.formats import qemuargs
@@ -33,18 +33,18 @@ from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.formats.vmlayout import memory_layout
 from pve_vhost_agent.model.actions import Action, AddVhostPort, DelPort, MakeSocketDir, ReplaceVhostPort
 from pve_vhost_agent.model.host import Folder, HostMemory, Link
-from pve_vhost_agent.model.links import LinkFacts
-from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.notes import Note
 from pve_vhost_agent.model.ovs import OvsState
 from pve_vhost_agent.model.spec import Backend, VmSpec
 from pve_vhost_agent.plan.args import plan_args
-from pve_vhost_agent.plan import lbqinq
 from pve_vhost_agent.plan.capacity import capacity_warnings, shared_memory_need
-from pve_vhost_agent.plan.links import start_notes
 from pve_vhost_agent.plan.ovs import plan_tap_qinq, plan_vhost_ports
 from pve_vhost_agent.plan.start import served_spec, stale_args, start_config
 from pve_vhost_agent.plan.tapqinq import check_before_start, link_warnings
+
+if TYPE_CHECKING:  # each start loads these only when its VM has link ends or QinQ taps
+    from pve_vhost_agent.model.links import LinkFacts
+    from pve_vhost_agent.model.netdevs import LinkState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,8 @@ class StartView:
 
 @dataclasses.dataclass(frozen=True)
 class StartPlan:
+    """What pre-start makes and says."""
+
     served: VmSpec  # the NICs this start serves (a migration: exactly those it runs with)
     notes: tuple[Note, ...] = ()  # checks that passed, one line each for the task log
     warnings: tuple[Note, ...] = ()
@@ -90,6 +92,8 @@ def plan_pre_start(view: StartView) -> StartPlan:
         notes.append(Note(f"args line matches the spec ({nics})" + (f", as {start.resumes} runs it" if start.resumes else ""),
                           "CheckArgs"))
     if vm.links and view.links is not None:
+        from pve_vhost_agent.plan.links import start_notes  # only a VM with link ends
+
         link_notes, link_warnings = start_notes(vm.links, view.links)
         notes += [Note(text, "CheckLinks") for text in link_notes]
         warnings += [Note(text, "CheckLinks") for text in link_warnings]
@@ -100,8 +104,12 @@ def plan_pre_start(view: StartView) -> StartPlan:
             actions += _socket_folder(view.folders[backend])
         _check_external_servers(view, vm)
     ovs_nics = vm.ovs_nics
-    linux = lbqinq.linux_taps(vm, start.values, view.netdevs)
-    ovs_taps = lbqinq.without_taps(vm, linux)
+    linux, ovs_taps = (), vm
+    if vm.tap_qinq:
+        from pve_vhost_agent.plan import lbqinq  # only QinQ taps may be on a Linux bridge
+
+        linux = lbqinq.linux_taps(vm, start.values, view.netdevs)
+        ovs_taps = lbqinq.without_taps(vm, linux)
     if (ovs_nics or ovs_taps.tap_qinq) and view.ovs is None:
         raise view.ovs_error or OvsUnavailable("Open vSwitch was not read", "this is a bug: report it")
     if vm.tap_qinq:

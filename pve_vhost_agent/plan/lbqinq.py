@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Mapping
 
 from pve_vhost_agent.errors import ConfigConflict, NetworkRefused, NotFound
 from pve_vhost_agent.formats.vmlayout import parse_net, parse_property_string
-from pve_vhost_agent.model.actions import Action, AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
+from pve_vhost_agent.model.actions import Action
+from pve_vhost_agent.model.lbactions import AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
 from pve_vhost_agent.model.netdevs import (
     DEVICE_ROLES, ROLE_PEER, ROLE_SBRIDGE, ROLE_SVLAN, ROLE_TAP, ROLE_TRUNK, TPID, BridgeVlan, LinkInfo, LinkMark,
     LinkState, Placement, SVlanBridge, filter_rules, svlan_key,

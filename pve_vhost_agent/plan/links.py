@@ -24,7 +24,8 @@ from pve_vhost_agent.errors import AgentError, ConfigConflict, NotFound, SpecErr
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.model import names, spec
-from pve_vhost_agent.model.actions import Action, ConnectLink, DisconnectLink
+from pve_vhost_agent.model.actions import Action
+from pve_vhost_agent.model.linkactions import ConnectLink, DisconnectLink
 from pve_vhost_agent.model.links import Attached, LinkFacts, RunningLinks
 from pve_vhost_agent.model.names import Address
 from pve_vhost_agent.plan.declare import vm_nets

@@ -22,7 +22,8 @@ from typing import Mapping
 from pve_vhost_agent.errors import AgentError, ExitCode, Unexpected
 from pve_vhost_agent.formats import qemuargs
 from pve_vhost_agent.formats.vmconfig import MAIN
-from pve_vhost_agent.model.actions import Action, DelSocket, DelSVlanBridge, RestoreLinuxTap, WriteVmArgs
+from pve_vhost_agent.model.actions import Action, DelSocket, WriteVmArgs
+from pve_vhost_agent.model.lbactions import DelSVlanBridge, RestoreLinuxTap
 from pve_vhost_agent.model.host import CLUSTER_FS_NOT_MOUNTED, CLUSTER_FS_READ_ONLY
 from pve_vhost_agent.model.names import socket_vmid
 from pve_vhost_agent.model.spec import Backend

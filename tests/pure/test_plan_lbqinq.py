@@ -7,7 +7,7 @@ import pytest
 
 from builders import PVE_ACCESS_950, after, linux_host, with_links
 from pve_vhost_agent.errors import ConfigConflict, NetworkRefused, NotFound
-from pve_vhost_agent.model.actions import AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
+from pve_vhost_agent.model.lbactions import AddSVlanBridge, DelSVlanBridge, RestoreLinuxTap, SetLinuxTapQinQ
 from pve_vhost_agent.model.netdevs import (
     ETH_P_8021AD, ROLE_SBRIDGE, ROLE_SVLAN, ROLE_TAP, BridgeVlan, FilterRule, LinkInfo, LinkMark, LinkState,
     Placement, SVlanBridge, filter_rules,

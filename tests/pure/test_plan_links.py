@@ -13,7 +13,7 @@ from pve_vhost_agent.formats.qemuargs import agent_args, merge_agent_args
 from pve_vhost_agent.formats.specfile import format_spec, parse_spec
 from pve_vhost_agent.formats.vmconfig import VmConfig
 from pve_vhost_agent.model import names, spec
-from pve_vhost_agent.model.actions import ConnectLink, DisconnectLink
+from pve_vhost_agent.model.linkactions import ConnectLink, DisconnectLink
 from pve_vhost_agent.model.spec import ClusterSpec, LinkEnd, VhostNic, VmSpec
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.formats.qemunet import running_links

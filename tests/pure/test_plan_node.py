@@ -9,9 +9,8 @@ import pytest
 from pve_vhost_agent.plan.args import plan_args
 from pve_vhost_agent.plan.status import node_summary, status_line
 from builders import after, linux_host
-from pve_vhost_agent.model.actions import (
-    AddSVlanBridge, DelPort, DelSocket, DelSVlanBridge, RestoreTapVlan, SetLinuxTapQinQ, SetTapQinQ, WriteVmArgs,
-)
+from pve_vhost_agent.model.actions import DelPort, DelSocket, RestoreTapVlan, SetTapQinQ, WriteVmArgs
+from pve_vhost_agent.model.lbactions import AddSVlanBridge, DelSVlanBridge, SetLinuxTapQinQ
 from pve_vhost_agent.model.netdevs import LinkState
 from pve_vhost_agent.model.ovs import FrozenMap, OvsBridge, OvsInterface, OvsPort, OvsState, PortVlan
 from pve_vhost_agent.formats.qemuargs import merge_agent_args
