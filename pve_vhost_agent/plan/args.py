@@ -72,48 +72,37 @@ def plan_args(
 
 
 def _check_nics(vmid: int, nics: tuple[VhostNic | LinkEnd, ...], config: Mapping[str, str]) -> None:
+    """The same rules for vhost-user NICs and link ends: this VM's, each netN once, none on
+    a Proxmox NIC's index or MAC; only the words (what it is, how to fix it) differ."""
     proxmox_nics = net_devices(config)
     seen: set[int] = set()
     for nic in nics:
         if isinstance(nic, LinkEnd):
-            _check_link_end(vmid, nic, proxmox_nics, seen)
-            continue
+            what, kind = f"link end {nic.end}", f"the link end {nic.end}"
+            move = (f"remove the link (pve-vhost-agent link remove {nic.end}) and add it on a free netN, or remove "
+                    f"the Proxmox NIC (qm set {vmid} --delete {nic.name})")
+        else:
+            what, kind = f"NIC {nic.name} of VM {nic.vmid}", "a vhost-user NIC"
+            move = (f"give the vhost-user NIC a free index (pve-vhost-agent nic remove {vmid} {nic.name}, then nic add "
+                    f"{vmid} netM ...) or remove the Proxmox NIC (qm set {vmid} --delete {nic.name})")
         if nic.vmid != vmid:
-            raise SpecError(f"NIC {nic.name} of VM {nic.vmid} is in the spec of VM {vmid}", "this is a bug: report it")
+            raise SpecError(f"{what} is in the spec of VM {vmid}", "this is a bug: report it")
         if nic.index in seen:
             raise SpecError(f"VM {vmid} {nic.name} is declared twice", "remove one of the entries from the spec file")
         seen.add(nic.index)
         if nic.index in proxmox_nics:
-            raise ConfigConflict(
-                f"{nic.name} of VM {vmid} is both a Proxmox NIC in the VM config and a vhost-user NIC in the spec",
-                f"give the vhost-user NIC a free index (pve-vhost-agent nic remove {vmid} {nic.name}, then nic add "
-                f"{vmid} netM ...) or remove the Proxmox NIC (qm set {vmid} --delete {nic.name})",
-            )
+            raise ConfigConflict(f"{nic.name} of VM {vmid} is both a Proxmox NIC in the VM config and {kind} in the spec",
+                                 move)
         for other in proxmox_nics.values():
             if other.mac and other.mac == nic.mac:
+                if isinstance(nic, LinkEnd):
+                    raise ConfigConflict(f"MAC {nic.mac} of link end {nic.end} is also the MAC of Proxmox NIC "
+                                         f"net{other.index} of VM {vmid}",
+                                         f"give that Proxmox NIC another MAC (qm set {vmid} --net{other.index} ...)")
                 raise ConfigConflict(
                     f"MAC {nic.mac} of vhost-user {nic.name} is also the MAC of Proxmox NIC net{other.index} of VM {vmid}",
                     f"give the vhost-user NIC another MAC (pve-vhost-agent nic set {vmid} {nic.name} --mac ...)",
                 )
-
-
-def _check_link_end(vmid: int, end: LinkEnd, proxmox_nics: Mapping, seen: set[int]) -> None:
-    if end.vmid != vmid:
-        raise SpecError(f"link end {end.end} is in the spec of VM {vmid}", "this is a bug: report it")
-    if end.index in seen:
-        raise SpecError(f"VM {vmid} {end.name} is declared twice", "remove one of the entries from the spec file")
-    seen.add(end.index)
-    if end.index in proxmox_nics:
-        raise ConfigConflict(
-            f"{end.name} of VM {vmid} is both a Proxmox NIC in the VM config and the link end {end.end} in the spec",
-            f"remove the link (pve-vhost-agent link remove {end.end}) and add it on a free netN, or remove the "
-            f"Proxmox NIC (qm set {vmid} --delete {end.name})",
-        )
-    for other in proxmox_nics.values():
-        if other.mac and other.mac == end.mac:
-            raise ConfigConflict(f"MAC {end.mac} of link end {end.end} is also the MAC of Proxmox NIC "
-                                 f"net{other.index} of VM {vmid}",
-                                 f"give that Proxmox NIC another MAC (qm set {vmid} --net{other.index} ...)")
 
 
 def _plan_memory(vmid: int, layout: MemoryLayout, config: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -270,8 +270,11 @@ def test_a_link_end_is_a_virtio_device_in_its_slot_on_its_own_hub_and_needs_no_s
 
 
 @pytest.mark.parametrize("config, words", [
-    ({"net2": "virtio=BC:24:11:00:00:01,bridge=vmbr0"}, "both a Proxmox NIC"),
-    ({"net0": f"virtio={MAC_A},bridge=vmbr0"}, "also the MAC of Proxmox NIC net0"),
+    ({"net2": "virtio=BC:24:11:00:00:01,bridge=vmbr0"}, r"net2 of VM 100 is both a Proxmox NIC in the VM config and "
+     r"the link end 100:net2 in the spec; remove the link \(pve-vhost-agent link remove 100:net2\) and add it on a "
+     r"free netN, or remove the Proxmox NIC \(qm set 100 --delete net2\)"),
+    ({"net0": f"virtio={MAC_A},bridge=vmbr0"}, f"MAC {MAC_A} of link end 100:net2 is also the MAC of Proxmox NIC net0 "
+     r"of VM 100; give that Proxmox NIC another MAC \(qm set 100 --net0 ...\)"),
     ({"args": "-netdev hubport,id=mine,hubid=1002"}, "joins QEMU hub 1002"),
     ({"args": "-device e1000,bus=pci.0,addr=0x14"}, "takes pci.0 slot 0x14"),
 ])
