@@ -145,9 +145,9 @@ def test_hookscript_is_shipped_and_copied_to_the_snippets_folder(chroot):
     shipped, snippet = chroot.path(SHIPPED), chroot.path(SNIPPET)
     # Isolated (README, "The hookscript"). dh_python3 of the Debian that builds the package
     # (the host's stage builds on 12; named in the Debian 13 stage, on 13) rewrites the
-    # shebang its own way; both run Debian's /usr/bin/python3 -I.
+    # shebang its own way; both run Debian's /usr/bin/python3 -IS.
     built_on = open("/etc/debian_version").read().split(".")[0]
-    shebang = {"12": "#!/usr/bin/python3 -I\n", "13": "#! /usr/bin/python3 -I\n"}[built_on]
+    shebang = {"12": "#!/usr/bin/python3 -IS\n", "13": "#! /usr/bin/python3 -IS\n"}[built_on]
     assert shipped.read_text().startswith(shebang)
     assert shipped.stat().st_mode & 0o777 == 0o755
     assert snippet.read_bytes() == shipped.read_bytes()

@@ -23,7 +23,7 @@ def call_hook(root, *argv: str, **env) -> subprocess.CompletedProcess:
 
 def test_the_hookscript_is_an_executable_python_script():
     assert os.access(HOOKSCRIPT, os.X_OK)
-    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3 -I\n")  # isolated: no PYTHONPATH, no script dir
+    assert HOOKSCRIPT.read_text().startswith("#!/usr/bin/python3 -IS\n")  # isolated, no site: no PYTHONPATH, script dir, /usr/local
 
 
 @pytest.mark.parametrize("phase", ["pre-start", "post-start", "pre-stop", "post-stop"])

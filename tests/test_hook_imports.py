@@ -20,10 +20,17 @@ TAPS_AND_LINKS = {"pve_vhost_agent.flows.lbqinq", "pve_vhost_agent.plan.lbqinq",
                   "pve_vhost_agent.model.links", "pve_vhost_agent.model.lbactions", "pve_vhost_agent.model.linkactions"}
 
 
+def interpreter() -> list[str]:
+    """The hookscript's `#!` line, as the kernel runs it (one argument after the program)."""
+    line = HOOKSCRIPT.read_text().splitlines()[0]
+    assert line.startswith("#!"), line
+    return line[2:].split(maxsplit=1)
+
+
 def imported(pve_root, vmid: str, phase: str, **env) -> tuple[subprocess.CompletedProcess, set[str]]:
     environment = {"LC_ALL": "C", "PVE_VHOST_AGENT_ROOT": str(pve_root.root), "PVE_VHOST_AGENT_NODE": pve_root.node,
                    "PATH": os.environ["PATH"], **env}
-    result = subprocess.run(["/usr/bin/python3", "-I", "-X", "importtime", str(HOOKSCRIPT), vmid, phase],
+    result = subprocess.run([*interpreter(), "-X", "importtime", str(HOOKSCRIPT), vmid, phase],
                             input=b"", capture_output=True, env=environment, timeout=60)
     lines = result.stderr.decode().splitlines()
     names = {m.group(1).strip() for line in lines if (m := re.match(r"import time:\s+\d+ \|\s+\d+ \|(.*)$", line))}
@@ -40,6 +47,21 @@ def test_a_vm_that_is_not_the_agents_costs_no_switch_library(pve_root):
     result, names = imported(pve_root, "100", "pre-start")
     assert result.returncode == 0 and result.stdout == b""
     assert not loaded(names, NEVER | TAPS_AND_LINKS | {"ovs", "systemd", "subprocess", "pve_vhost_agent.adapters.ovsdb"})
+
+
+def test_the_hookscript_runs_without_site_and_loads_debians_packages_only(pve_root):
+    # No `site`: no .pth file runs and /usr/local's packages (pip's) cannot shadow Debian's
+    # python3-openvswitch in a process that runs as root.
+    assert interpreter() == ["/usr/bin/python3", "-IS"]
+    pve_root.write_vm(100, VM)
+    probe = ("import sys; print([p for p in sys.path if 'packages' in p]); "
+             "print('site' in sys.modules)")
+    code = HOOKSCRIPT.read_text().replace("try:\n    from pve_vhost_agent", f"{probe}\ntry:\n    from pve_vhost_agent", 1)
+    result = subprocess.run([*interpreter(), "-c", code, "100", "pre-start"], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "PVE_VHOST_AGENT_ROOT": str(pve_root.root)}, timeout=60)
+    paths, site = result.stdout.splitlines()[:2]
+    assert result.returncode == 0 and site == "False", result
+    assert paths == repr([f"{pve_root.root}/usr/lib/python3/dist-packages", "/usr/lib/python3/dist-packages"])
 
 
 def test_a_pre_start_with_vhost_user_nics_loads_ovs_but_not_the_command_line(pve_root, ovs):

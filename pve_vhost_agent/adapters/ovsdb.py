@@ -319,15 +319,13 @@ class Ovsdb:
     def _connected(self) -> Any:
         if self._idl is None:
             deadline = time.monotonic() + self.timeout
-            helper = ovs.db.idl.SchemaHelper(schema_json=self._rpc("get_schema", [DATABASE], deadline))
-            tables = helper.schema_json["tables"]
-            for table, columns in COLUMNS.items():
-                if table in tables:
-                    known = [c for c in columns if c in tables[table]["columns"]]
-                    # Registered, not replicated: the IDL can still add and remove a port.
-                    scoped = self.scope is not None and not self.scope.bridge_ports
-                    readonly = ["ports"] if table == "Bridge" and scoped else []
-                    helper.register_columns(table, known, readonly)
+            schema = _registered(self._rpc("get_schema", [DATABASE], deadline))
+            helper = ovs.db.idl.SchemaHelper(schema_json=schema)
+            for table, spec in schema["tables"].items():
+                # Registered, not replicated: the IDL can still add and remove a port.
+                scoped = self.scope is not None and not self.scope.bridge_ports
+                readonly = ["ports"] if table == "Bridge" and scoped else []
+                helper.register_columns(table, list(spec["columns"]), readonly)
             idl = ovs.db.idl.Idl(self.remote, helper)
             if self.scope is not None:
                 for table in ("Port", "Interface"):
@@ -453,6 +451,19 @@ class Ovsdb:
                          waited, what, extra={"result": "waiting"})
                 before = now
                 deadline = min(time.monotonic() + self.timeout, started + self.busy_timeout)
+
+
+def _registered(schema: dict) -> dict:
+    """The server's schema cut to the tables and columns the agent registers (those this
+    server has): python-ovs parses a schema whole, and the rest of it is most of the work."""
+    kept = {}
+    for table, wanted in COLUMNS.items():
+        if table in schema["tables"]:
+            spec = schema["tables"][table]
+            columns = {c: spec["columns"][c] for c in wanted if c in spec["columns"]}
+            indexes = [i for i in spec.get("indexes", []) if set(i) <= set(columns)]
+            kept[table] = {**spec, "columns": columns, "indexes": indexes}
+    return {**schema, "tables": kept}
 
 
 class _WindowOver(Exception):

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from pve_vhost_agent.adapters import pvefs, sockets
-from pve_vhost_agent.adapters import storage as storagecfg
 from pve_vhost_agent.adapters.host import read_host_memory, read_links, unix_socket_refusal
 from pve_vhost_agent.adapters.journal import context_logger, setup_logging
 from pve_vhost_agent.adapters.specstore import load_vm_spec
@@ -49,13 +48,12 @@ from pve_vhost_agent.model.actions import OVS, DelSocket
 from pve_vhost_agent.model.names import is_agent_hook, vm_port_names
 from pve_vhost_agent.model.notes import Note
 from pve_vhost_agent.model.spec import Backend, ChainedHook, VmSpec, is_decimal
-from pve_vhost_agent.settings import check_node
 from pve_vhost_agent.plan.hook import StartView, plan_pre_start, post_start_actions, post_start_report, undo_start
 from pve_vhost_agent.plan.ovs import plan_vm_removal
 from pve_vhost_agent.plan.ports import port_problems
 from pve_vhost_agent.plan.start import served_spec, start_config
 from pve_vhost_agent.plan.tapqinq import is_uplink
-from pve_vhost_agent.settings import Settings
+from pve_vhost_agent.settings import Settings, check_node
 
 if TYPE_CHECKING:  # python-ovs is imported only by the phases that talk to Open vSwitch
     from pve_vhost_agent.adapters.ovsdb import Ovsdb
@@ -199,8 +197,11 @@ def run_chained(settings: Settings, hook: ChainedHook, call: HookCall, env: Mapp
     """Run the VM's previous hookscript as Proxmox would: same argv, environment, stdin."""
     fix = (f"restore it, or drop it: pve-vhost-agent disable {call.vmid}, qm set {call.vmid} --delete hookscript, "
            f"pve-vhost-agent enable {call.vmid}")
-    path = storagecfg.runnable_snippet(settings, hook.hookscript, "chained hookscript", fix)
     import subprocess  # only a VM that chains a hookscript runs one
+
+    from pve_vhost_agent.adapters import storage
+
+    path = storage.runnable_snippet(settings, hook.hookscript, "chained hookscript", fix)
 
     try:
         result = subprocess.run([str(path), str(call.vmid), call.phase], env=dict(env), check=False)
