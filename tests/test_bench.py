@@ -37,6 +37,9 @@ def test_the_hook_figures_of_the_smoke_mode():
     declared = [line for line in lines if "declared_nics" in line]
     assert len(declared) == 1 and declared[0]["declared_nics"] == 400
     assert all(isinstance(line["value"], float) and isinstance(line["baseline"], float) for line in lines)
+    # The floor beside the baseline: one of its ovs-vsctl calls (one reconfiguration each).
+    assert all(isinstance(line["one_call_s"], float) and line["one_call_runs"] >= 4
+               for line in lines if "declared_nics" not in line)
 
 
 @pytest.mark.slow
