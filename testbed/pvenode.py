@@ -122,11 +122,14 @@ class PveNode:
 
     def write_spec(self, nics: Iterable[VhostNicDecl]) -> None:
         """Replace every VM's declarations file (each written and renamed, as the agent does)."""
-        files = format_spec(nics)
         if self.spec_dir.exists():
             shutil.rmtree(self.spec_dir)
         self.spec_dir.mkdir(parents=True)
-        for vmid, text in files.items():
+        self.add_spec(nics)
+
+    def add_spec(self, nics: Iterable[VhostNicDecl]) -> None:
+        """Write the declarations files of these NICs' VMs, leaving the others."""
+        for vmid, text in format_spec(nics).items():
             tmp = self.spec_dir / f".{vmid}.cfg.bench-tmp"
             tmp.write_text(text)
             os.replace(tmp, self.spec_dir / f"{vmid}.cfg")
