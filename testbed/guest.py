@@ -51,7 +51,11 @@ READY, REPLY, NO_REPLY, RELEASED = (f"{MARK} {word}" for word in ("ready", "repl
 # only the test launcher adds it, never the agent's args.
 TEST_MACHINE_ONLY = ("-global", "virtio-net-pci.vectors=0")
 
-INIT = r"""#!/bin/busybox sh
+# The start of every /init of the test guests (this one, linkguest's): busybox set up, the
+# console as output, and the helpers: `say` prints a line starting with the guest's mark,
+# `now` is the uptime in seconds, `load NAME` loads the modules of /modules/NAME.order
+# (those not loaded yet). Each init defines `off` (power off) itself.
+PRELUDE = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 exec >/dev/console 2>&1
@@ -61,8 +65,14 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 say() { echo "@MARK@ $*"; }
 now() { cut -d. -f1 /proc/uptime; }
-off() { sync; poweroff -f; }
-load() { for m in $(cat "/modules/$1.order"); do insmod "/modules/$m.ko" || say "insmod $m failed"; done; }
+load() {
+  for m in $(cat "/modules/$1.order"); do
+    grep -q "^$m " /proc/modules || insmod "/modules/$m.ko" || say "insmod $m failed"
+  done
+}
+"""
+
+INIT = (PRELUDE + r"""off() { sync; poweroff -f; }
 
 timeout=30 hold=60 vlan= nic=eth0
 for arg in $(cat /proc/cmdline); do
@@ -103,7 +113,7 @@ end=$(( $(now) + hold ))
 while [ "$(now)" -lt "$end" ] && ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do sleep 0.2; done
 say "released uptime $(cat /proc/uptime)"
 off
-""".replace("@MARK@", MARK)
+""").replace("@MARK@", MARK)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,22 +45,7 @@ PROBE_SOURCE = HERE / "linkprobe.c"
 BRIDGE_MODULES = ("bridge",)
 MARK = "pve-vhost-agent-link:"
 
-LINK_INIT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-exec >/dev/console 2>&1
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-say() { echo "@MARK@ $*"; }
-now() { cut -d. -f1 /proc/uptime; }
-off() { say "done uptime $(cat /proc/uptime)"; sync; poweroff -f; }
-load() {
-  for m in $(cat "/modules/$1.order"); do
-    grep -q "^$m " /proc/modules || insmod "/modules/$m.ko" || say "insmod $m failed"
-  done
-}
+LINK_INIT = (base.PRELUDE + r"""off() { say "done uptime $(cat /proc/uptime)"; sync; poweroff -f; }
 
 steps=ping addr= peer= prio=32768 timeout=60 lldp=5 listen=30 stp=8 hold=120
 for arg in $(cat /proc/cmdline); do
@@ -118,7 +103,7 @@ for step in $(echo "$steps" | tr , ' '); do
   esac
 done
 off
-""".replace("@MARK@", MARK)
+""").replace("@MARK@", MARK)
 
 PORT_STATES = {"0": "disabled", "1": "listening", "2": "learning", "3": "forwarding", "4": "blocking"}
 
