@@ -4,6 +4,11 @@ A busy host's switch holds thousands of ports; a hook must not read them all. Th
 against a real ovsdb-server and ovs-vswitchd with other VMs' ports on the same bridge.
 """
 
+import json
+import os
+import signal
+import subprocess
+
 import pytest
 
 from pve_vhost_agent.adapters.ovsdb import Ovsdb
@@ -11,6 +16,7 @@ from pve_vhost_agent.model.actions import AddVhostPort, DelPort, EnsureBridge, R
 from pve_vhost_agent.model.names import vm_port_names
 from pve_vhost_agent.model.ovs import PortVlan
 from pve_vhost_agent.plan.ovs import plan_vm_removal
+from testbed.ovs import SCHEMA
 
 BRIDGE, OTHER = "h3sc0", "h3sc1"
 OTHERS = 40  # other VMs' ports on the same bridge
@@ -80,3 +86,27 @@ def test_a_scoped_connection_does_not_see_a_foreign_port_of_another_vm(ovs, busy
         with pytest.raises(Exception, match="not the agent's"):
             db.apply([DelPort("vhu300i0", BRIDGE, 300)])  # an operator's port: never removed
     assert ovs.get("Port", "vhu300i0", "name") == {"name": "vhu300i0"}
+
+
+def test_a_server_whose_schema_lacks_columns_the_agent_knows_is_read_all_the_same(tmp_path):
+    # An older Open vSwitch: no Port.cvlans, no DPDK columns, no Datapath table. The agent
+    # cuts the server's schema to what it registers and the server has, and reads the rest.
+    schema = json.loads(SCHEMA.read_text())
+    del schema["tables"]["Port"]["columns"]["cvlans"]
+    for column in ("datapaths", "dpdk_initialized", "dpdk_version"):
+        del schema["tables"]["Open_vSwitch"]["columns"][column]
+    del schema["tables"]["Datapath"]
+    (tmp_path / "old.ovsschema").write_text(json.dumps(schema))
+    subprocess.run(["ovsdb-tool", "create", str(tmp_path / "conf.db"), str(tmp_path / "old.ovsschema")], check=True)
+    sock, pidfile = tmp_path / "db.sock", tmp_path / "ovsdb-server.pid"
+    subprocess.run(["ovsdb-server", str(tmp_path / "conf.db"), f"--remote=punix:{sock}", "-vconsole:off",
+                    f"--pidfile={pidfile}", f"--unixctl={tmp_path / 'ctl'}", "--detach", f"--log-file={tmp_path / 'ovsdb-server.log'}"], check=True)
+    try:
+        vsctl = ["ovs-vsctl", f"--db=unix:{sock}", "--no-wait"]
+        subprocess.run([*vsctl, "init", "--", "add-br", BRIDGE, "--", "add-port", BRIDGE, "vhu100i1"], check=True)
+        with Ovsdb(f"unix:{sock}", timeout=10, ports=vm_port_names(100)) as db:
+            state = db.snapshot()
+        assert [p.name for p in state.ports] == ["vhu100i1"] and state.port("vhu100i1").bridge == BRIDGE
+        assert state.port("vhu100i1").vlan.cvlans == () and state.dpdk_initialized is None
+    finally:
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
