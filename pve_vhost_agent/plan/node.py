@@ -116,11 +116,10 @@ def needs_ovs(state: NodeState) -> bool:
     outage of a switch nothing uses yet is still news): it does."""
     if state.spec is None or state.netdevs is None:
         return True
-    declared = [vm for vm in state.enabled_vms if state.spec.for_vm(vm.vmid)]
+    declared = [(vm, spec) for vm in state.enabled_vms if (spec := state.spec.for_vm(vm.vmid))]
     if not declared:
         return True
-    for vm in declared:
-        spec = state.spec.for_vm(vm.vmid)
+    for vm, spec in declared:
         on_linux = lbqinq.linux_taps(spec, vm.config.section(MAIN), state.netdevs)
         if spec.ovs_nics or lbqinq.without_taps(spec, on_linux).tap_qinq:
             return True
