@@ -321,9 +321,9 @@ class Ovsdb:
             deadline = time.monotonic() + self.timeout
             schema = _registered(self._rpc("get_schema", [DATABASE], deadline))
             helper = ovs.db.idl.SchemaHelper(schema_json=schema)
+            scoped = self.scope is not None and not self.scope.bridge_ports
             for table, spec in schema["tables"].items():
                 # Registered, not replicated: the IDL can still add and remove a port.
-                scoped = self.scope is not None and not self.scope.bridge_ports
                 readonly = ["ports"] if table == "Bridge" and scoped else []
                 helper.register_columns(table, list(spec["columns"]), readonly)
             idl = ovs.db.idl.Idl(self.remote, helper)
